@@ -1,0 +1,76 @@
+"""Console entry points. Each composes the Hydra config and calls one library function.
+
+Hydra resolves ``config_path`` relative to the file that declares ``@hydra.main``; an installed console
+script does not live next to ``conf/``, so the configuration directory is found explicitly:
+``$CAPTIONER_CONFIG_DIR`` if set, else the repository's ``conf/`` (source checkout or editable
+install), else the copy installed under ``<prefix>/share/captioner/conf``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("captioner")
+
+# Errors that come from user input (files, configs, checkpoints): reported in one line, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError, RuntimeError)
+
+
+def config_dir() -> str:
+    """Absolute path of the Hydra configuration directory."""
+    env = os.environ.get("CAPTIONER_CONFIG_DIR")
+    if env:
+        return str(Path(env).resolve())
+    repo_conf = Path(__file__).resolve().parent.parent / "conf"
+    if (repo_conf / "train.yaml").is_file():
+        return str(repo_conf)
+    installed = Path(sys.prefix) / "share" / "captioner" / "conf"  # setup.cfg data_files
+    if (installed / "train.yaml").is_file():
+        return str(installed)
+    raise SystemExit("error: cannot find the captioner configuration directory (conf/); set CAPTIONER_CONFIG_DIR")
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from captioner.data.images import ImageLoadError
+    from captioner.data.sources import DatasetError
+    from captioner.models.encoder import WeightsUnavailableError
+    from captioner.training.checkpoint import CheckpointError
+
+    return (DatasetError, CheckpointError, ImageLoadError, WeightsUnavailableError, FileNotFoundError)
+
+
+def _run_hydra(config_name: str, task) -> None:
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    from captioner.config import register_configs
+
+    register_configs()
+
+    @hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")
+    def _main(cfg: DictConfig) -> None:
+        obj = OmegaConf.to_object(cfg)  # dataclasses from here on; the models never see a DictConfig
+        try:
+            task(obj)
+        except _user_error_types() as e:
+            log.error("%s", e)
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    _main()
+
+
+def train_main() -> None:
+    """``captioner-train`` / ``python scripts/train.py``: train, then print the test metrics as one JSON line."""
+
+    def task(cfg) -> None:
+        from captioner.training.loop import train
+
+        results = train(cfg)
+        print(json.dumps(results), flush=True)
+
+    _run_hydra("train", task)

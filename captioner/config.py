@@ -1,0 +1,161 @@
+"""Dataclass schemas for every config group, registered in Hydra's ConfigStore.
+
+Each YAML option under ``conf/<group>/`` extends the schema of its group (``defaults: [_schema_]``
+is implied by the top-level schema), so a misspelt key or a wrong type fails when the config is
+composed. Library code receives these dataclasses (``OmegaConf.to_object``), never a DictConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ShapesConfig:
+    """Size and seed of the generated shapes world (used when ``data.name == shapes``)."""
+
+    n_train: int = 8000
+    n_val: int = 1000
+    n_test: int = 1000
+    image_size: int = 64
+    seed: int = 0
+    min_objects: int = 1
+    max_objects: int = 3
+
+
+@dataclass
+class DataConfig:
+    """Where the dataset is and how it is batched."""
+
+    name: str = "shapes"
+    format: str = "karpathy"  # karpathy | flickr8k | coco
+    root: str = MISSING
+    annotations: Optional[str] = None  # Karpathy JSON, relative to root
+    image_root: Optional[str] = None  # defaults to root
+    generate: bool = False  # shapes world: generate under root if missing
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    image_size: int = 224
+    min_word_count: int = 5
+    max_caption_len: int = 30  # words, without <start>/<end>
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    preload: bool = False  # decode every image once into RAM (small datasets)
+    limit_train: Optional[int] = None  # use only the first N images of a split (tests, quick runs)
+    limit_val: Optional[int] = None
+    limit_test: Optional[int] = None
+
+
+@dataclass
+class EncoderConfig:
+    """Which backbone, which weights, which grid, frozen or fine-tuned."""
+
+    name: str = "shapes_cnn"
+    weights: Optional[str] = None  # None: random; an enum name (DEFAULT, IMAGENET1K_V1); or a file path
+    grid: Optional[int] = None  # adaptive-pool the feature map to grid x grid (None: keep native)
+    freeze: bool = True
+    channels: int = 128  # shapes_cnn only
+    blocks: int = 3  # shapes_cnn only
+
+
+@dataclass
+class ModelConfig:
+    """The decoder: cell, widths, attention type and its training options."""
+
+    name: str = "soft"
+    attention: str = "soft"  # soft | hard
+    cell: str = "lstm"  # lstm | gru | rnn
+    num_layers: int = 1
+    embed_dim: int = 256
+    hidden_dim: int = 256
+    attn_dim: int = 256
+    dropout: float = 0.5
+    beta_gate: bool = True
+    deep_output: bool = True
+    doubly_stochastic: float = 1.0  # lambda of the doubly stochastic attention penalty
+
+
+@dataclass
+class OptimConfig:
+    """Adam with an LR schedule, gradient clipping by norm."""
+
+    lr: float = 4e-4
+    encoder_lr: float = 1e-3  # used when the encoder is fine-tuned
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0  # max global norm; 0 disables
+    scheduler: str = "cosine"  # cosine | step | none
+    warmup_steps: int = 0
+    step_size: int = 5  # epochs, for scheduler=step
+    gamma: float = 0.5
+
+
+@dataclass
+class DecodeConfig:
+    """How captions are produced at validation, evaluation and captioning time."""
+
+    strategy: str = "greedy"  # greedy | sample | beam
+    max_len: int = 30
+    beam_size: int = 3
+    length_penalty: str = "none"  # none | average | gnmt
+    alpha: float = 0.7  # GNMT length-penalty exponent
+    no_repeat_ngram: int = 0
+    n_best: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    hard_attend: str = "expected"  # hard attention at test time: expected | argmax | sample
+
+
+@dataclass
+class TrainConfig:
+    """The training job (``conf/train.yaml``)."""
+
+    data: DataConfig = MISSING
+    encoder: EncoderConfig = MISSING
+    model: ModelConfig = MISSING
+    optim: OptimConfig = MISSING
+    decode: DecodeConfig = MISSING
+    seed: int = 0
+    epochs: int = 10
+    max_minutes: Optional[float] = None  # stop training after this wall time (then test on the best checkpoint)
+    patience: int = 3  # early stopping on the validation metric, in epochs
+    val_metric: str = "BLEU-4"
+    val_every: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    threads: Optional[int] = None  # torch intra-op threads on CPU
+    output_dir: str = MISSING
+    resume: Optional[str] = None  # a checkpoint path, or "auto" for <output_dir>/last.pt if it exists
+    log_every: int = 50
+    progress: bool = True
+    localisation: bool = True  # attention localisation on the test split where boxes exist
+    test: bool = True
+
+
+def register_configs() -> None:
+    """Register the schemas so YAML options can be validated against them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="encoder", name="encoder_schema", node=EncoderConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    cs.store(group="decode", name="decode_schema", node=DecodeConfig)
+
+
+def to_dict(obj: Any) -> dict:
+    """A dataclass (or DictConfig) as a plain dict, for checkpoints and JSON."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(obj, DictConfig):
+        return OmegaConf.to_container(obj, resolve=True)  # type: ignore[return-value]
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    return dict(obj)

@@ -1,0 +1,27 @@
+"""The result type every decoding strategy returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class Caption:
+    """One decoded caption: word ids (no <start>/<end>), words, log-probability and where the model looked.
+
+    ``attention`` has one row per emitted word, ``(len(tokens), L)``, each row summing to 1.
+    ``locations`` (hard attention) is the attended location index per word.
+    """
+
+    tokens: list[int]
+    words: list[str]
+    score: float  # sum of log-probabilities of the tokens and the final <end> (if emitted)
+    attention: Tensor  # (T, L)
+    finished: bool = True  # False when max_len was reached before <end>
+    locations: list[int] | None = None
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)

@@ -1,0 +1,60 @@
+"""Greedy (argmax) decoding, batched over images."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from captioner.data.vocab import Vocabulary
+from captioner.decoding.caption import Caption
+from captioner.models.decoder import AttentionDecoder
+
+
+@torch.no_grad()
+def greedy_decode(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary, max_len: int = 30, attend: str = "expected") -> list[Caption]:
+    """Argmax word at every step for features (B, L, D); stops each row at <end> or ``max_len`` words."""
+    B = features.size(0)
+    memory = decoder.init_memory(features)
+    state = decoder.init_state(memory)
+    prev = torch.full((B,), vocab.start_id, dtype=torch.long, device=features.device)  # (B,)
+    words = torch.zeros(B, max_len + 1, dtype=torch.long, device=features.device)  # (B, T)
+    scores = torch.zeros(B, max_len + 1, device=features.device)  # (B, T)
+    alphas = torch.zeros(B, max_len + 1, features.size(1), device=features.device)  # (B, T, L)
+    locs = torch.zeros(B, max_len + 1, dtype=torch.long, device=features.device)  # (B, T)
+    done = torch.zeros(B, dtype=torch.bool, device=features.device)
+    steps = 0
+    for t in range(max_len + 1):  # max_len words plus a final <end>
+        out = decoder.step(prev, state, memory, attend=attend)
+        logp, prev = out.log_probs.max(dim=-1)  # (B,), (B,)
+        words[:, t], scores[:, t], alphas[:, t] = prev, logp, out.alpha
+        if out.location is not None:
+            locs[:, t] = out.location
+        state = out.state
+        steps = t + 1
+        done |= prev == vocab.end_id
+        if bool(done.all()):
+            break
+    return _to_captions(words[:, :steps], scores[:, :steps], alphas[:, :steps], locs[:, :steps] if decoder.attention_type == "hard" else None, vocab, max_len)
+
+
+def _to_captions(words: Tensor, scores: Tensor, alphas: Tensor, locs: Tensor | None, vocab: Vocabulary, max_len: int) -> list[Caption]:
+    """Cut each row at its first <end> and package it."""
+    words, scores, alphas = words.cpu(), scores.cpu(), alphas.cpu()
+    out = []
+    for b in range(words.size(0)):
+        ids = words[b].tolist()
+        n = ids.index(vocab.end_id) if vocab.end_id in ids else min(len(ids), max_len)
+        finished = n < len(ids) and ids[n] == vocab.end_id
+        score = float(scores[b, : n + (1 if finished else 0)].sum())
+        toks = ids[:n]
+        out.append(
+            Caption(
+                tokens=toks,
+                words=[vocab.words[i] for i in toks],
+                score=score,
+                attention=alphas[b, :n].clone(),
+                finished=finished,
+                locations=locs[b, :n].tolist() if locs is not None else None,
+            )
+        )
+    return out

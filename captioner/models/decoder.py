@@ -1,0 +1,175 @@
+"""The Show, Attend and Tell decoder: a recurrent cell that attends over the image grid at every step.
+
+One :meth:`AttentionDecoder.step` serves teacher-forced training and every decoding strategy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captioner.models.attention import ATTENTION, AttentionOutput
+
+CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
+
+
+class Memory(NamedTuple):
+    """What is computed once per image and reused at every step."""
+
+    features: Tensor  # (B, L, D) annotation vectors
+    projected: Tensor  # (B, L, A) attention projection of the features
+
+    def index_select(self, index: Tensor) -> "Memory":
+        """Rows ``index`` of every tensor (beam search reorders and expands images with this)."""
+        return Memory(self.features.index_select(0, index), self.projected.index_select(0, index))
+
+
+class State(NamedTuple):
+    """Recurrent state; ``c`` is an empty tensor for cells without a memory cell (GRU, RNN)."""
+
+    h: Tensor  # (num_layers, B, H)
+    c: Tensor  # (num_layers, B, H) for LSTM, else (0,)
+
+    def index_select(self, index: Tensor) -> "State":
+        """Rows ``index`` along the batch dimension."""
+        c = self.c.index_select(1, index) if self.c.numel() else self.c
+        return State(self.h.index_select(1, index), c)
+
+
+class StepOutput(NamedTuple):
+    """One decoding step: word log-probabilities, attention, the new state, and hard-attention extras."""
+
+    log_probs: Tensor  # (B, V)
+    alpha: Tensor  # (B, L)
+    state: State
+    location: Tensor | None = None  # (B,) hard attention: attended location
+    location_log_prob: Tensor | None = None  # (B,) hard attention: log p(s_t | a)
+    entropy: Tensor | None = None  # (B,) hard attention: entropy of alpha_t
+    beta: Tensor | None = None  # (B, 1) gate value
+
+
+class DecoderOutput(NamedTuple):
+    """Teacher-forced outputs for a batch of captions of T-1 predicted positions."""
+
+    log_probs: Tensor  # (B, T-1, V)
+    alphas: Tensor  # (B, T-1, L)
+    location_log_probs: Tensor | None = None  # (B, T-1) hard attention only
+    entropies: Tensor | None = None  # (B, T-1) hard attention only
+    locations: Tensor | None = None  # (B, T-1) hard attention only
+
+
+class AttentionDecoder(nn.Module):
+    """Recurrent decoder with soft or hard attention, a beta gate and the paper's deep output layer."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        embed_dim: int = 256,
+        hidden_dim: int = 256,
+        attn_dim: int = 256,
+        cell: str = "lstm",
+        num_layers: int = 1,
+        dropout: float = 0.5,
+        attention: str = "soft",
+        beta_gate: bool = True,
+        deep_output: bool = True,
+    ):
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"unknown cell {cell!r}; expected one of {sorted(CELLS)}")
+        if attention not in ATTENTION:
+            raise ValueError(f"unknown attention {attention!r}; expected one of {sorted(ATTENTION)}")
+        if not 1 <= num_layers <= 4:
+            raise ValueError(f"num_layers must be 1-4, got {num_layers}")
+        self.vocab_size, self.feature_dim, self.hidden_dim = vocab_size, feature_dim, hidden_dim
+        self.cell_type, self.num_layers, self.attention_type = cell, num_layers, attention
+        self.deep_output = deep_output
+
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.attention = ATTENTION[attention](feature_dim, hidden_dim, attn_dim)
+        # The paper's gating scalar: beta_t = sigmoid(f_beta(h_{t-1})) scales the context.
+        self.f_beta = nn.Linear(hidden_dim, 1) if beta_gate else None
+        cls = CELLS[cell]
+        self.cells = nn.ModuleList(
+            [cls(embed_dim + feature_dim if i == 0 else hidden_dim, hidden_dim) for i in range(num_layers)]
+        )
+        # Initial state: MLPs of the mean annotation vector, one output per layer (and per c for LSTM).
+        n_init = num_layers * (2 if cell == "lstm" else 1)
+        self.init_mlp = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, n_init * hidden_dim))
+        self.dropout = nn.Dropout(dropout)
+        if deep_output:
+            # p(y_t) ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)), eq. (7) of the paper.
+            self.out_h = nn.Linear(hidden_dim, embed_dim)
+            self.out_z = nn.Linear(feature_dim, embed_dim)
+            self.out = nn.Linear(embed_dim, vocab_size)
+        else:
+            self.out = nn.Linear(hidden_dim, vocab_size)
+
+    # ----------------------------------------------------------------------------------------------
+    def init_memory(self, features: Tensor) -> Memory:
+        """Per-image tensors reused at every step: the features and their attention projection."""
+        return Memory(features, self.attention.project(features))  # (B, L, D), (B, L, A)
+
+    def init_state(self, memory: Memory) -> State:
+        """h_0 (and c_0) from MLPs of the mean annotation vector."""
+        B = memory.features.size(0)
+        init = self.init_mlp(memory.features.mean(dim=1))  # (B, n_init * H)
+        init = init.view(B, -1, self.hidden_dim).transpose(0, 1).contiguous()  # (n_init, B, H)
+        if self.cell_type == "lstm":
+            return State(init[: self.num_layers], init[self.num_layers :])
+        return State(init, init.new_zeros(0))
+
+    def step(self, prev_word: Tensor, state: State, memory: Memory, attend: str | None = None) -> StepOutput:
+        """Advance one word: prev_word (B,) -> log-probs (B, V), attention (B, L), new state.
+
+        ``attend`` selects the hard-attention context (``sample``/``argmax``/``expected``); soft
+        attention ignores it.
+        """
+        h_top = state.h[-1]  # (B, H) h_{t-1} of the top layer drives the attention
+        att: AttentionOutput = self.attention(memory.features, memory.projected, h_top, mode=attend or "sample")
+        z = att.context  # (B, D)
+        beta = None
+        if self.f_beta is not None:
+            beta = torch.sigmoid(self.f_beta(h_top))  # (B, 1)
+            z = beta * z
+        emb = self.embed(prev_word)  # (B, E)
+        x = torch.cat([emb, z], dim=-1)  # (B, E + D)
+        hs, cs = [], []
+        for i, cell in enumerate(self.cells):
+            if self.cell_type == "lstm":
+                h, c = cell(x, (state.h[i], state.c[i]))
+                cs.append(c)
+            else:
+                h = cell(x, state.h[i])
+            hs.append(h)
+            x = self.dropout(h) if i + 1 < self.num_layers else h
+        new_state = State(torch.stack(hs), torch.stack(cs) if cs else state.c)
+        if self.deep_output:
+            out = torch.tanh(emb + self.out_h(self.dropout(h)) + self.out_z(z))  # (B, E)
+            logits = self.out(self.dropout(out))  # (B, V)
+        else:
+            logits = self.out(self.dropout(h))  # (B, V)
+        return StepOutput(
+            F.log_softmax(logits, dim=-1), att.alpha, new_state, att.location, att.log_prob, att.entropy, beta
+        )
+
+    def forward(self, features: Tensor, captions: Tensor, attend: str | None = None) -> DecoderOutput:
+        """Teacher forcing: captions (B, T) starting with <start>; predicts positions 1..T-1."""
+        memory = self.init_memory(features)
+        state = self.init_state(memory)
+        log_probs, alphas, lps, ents, locs = [], [], [], [], []
+        for t in range(captions.size(1) - 1):
+            out = self.step(captions[:, t], state, memory, attend=attend)
+            state = out.state
+            log_probs.append(out.log_probs)
+            alphas.append(out.alpha)
+            if out.location is not None:
+                lps.append(out.location_log_prob)
+                ents.append(out.entropy)
+                locs.append(out.location)
+        stack = (lambda xs: torch.stack(xs, 1)) if lps else (lambda xs: None)
+        return DecoderOutput(torch.stack(log_probs, 1), torch.stack(alphas, 1), stack(lps), stack(ents), stack(locs))

@@ -1,0 +1,188 @@
+"""CNN encoders: a registry of backbones that turn images (B, 3, H, W) into a grid of features (B, L, D)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Backbone:
+    """A feature-map network (B, 3, H, W) -> (B, C, h, w) and how its inputs must be normalised."""
+
+    body: nn.Module
+    channels: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+BackboneBuilder = Callable[..., Backbone]
+ENCODERS: dict[str, BackboneBuilder] = {}
+
+
+def register_encoder(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
+    """Decorator: make a backbone builder available under ``name`` (``encoder.name`` in the config)."""
+
+    def wrap(fn: BackboneBuilder) -> BackboneBuilder:
+        if name in ENCODERS:
+            raise KeyError(f"encoder {name!r} registered twice")
+        ENCODERS[name] = fn
+        return fn
+
+    return wrap
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be found offline."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The shapes-world CNN
+class ShapesCNN(nn.Module):
+    """A small CNN for the synthetic shapes world: conv blocks halving the resolution, plus coordinates.
+
+    Two coordinate channels (x, y in [-1, 1]) are appended to the input so every feature knows where
+    it is: captions such as "left of" need position, and zero padding alone encodes it poorly.
+    """
+
+    def __init__(self, channels: int = 128, blocks: int = 3, coords: bool = True):
+        super().__init__()
+        self.coords = coords
+        layers: list[nn.Module] = []
+        c_in = 3 + (2 if coords else 0)
+        widths = [max(16, channels // 2 ** (blocks - 1 - i)) for i in range(blocks)]
+        for i, c_out in enumerate(widths):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers.append(nn.MaxPool2d(2))
+            c_in = c_out
+        self.net = nn.Sequential(*layers)
+        self.out_channels = c_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.coords:
+            B, _, H, W = x.shape
+            ys = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype).view(1, 1, H, 1).expand(B, 1, H, W)
+            xs = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype).view(1, 1, 1, W).expand(B, 1, H, W)
+            x = torch.cat([x, xs, ys], dim=1)  # (B, 5, H, W)
+        return self.net(x)  # (B, C, H / 2^blocks, W / 2^blocks)
+
+
+@register_encoder("shapes_cnn")
+def shapes_cnn(weights: str | None = None, channels: int = 128, blocks: int = 3, **_: object) -> Backbone:
+    """The shapes-world CNN (random init, or a local state dict file)."""
+    net = ShapesCNN(channels=channels, blocks=blocks)
+    if weights:
+        net.load_state_dict(_load_local_state_dict(weights))
+    return Backbone(net, net.out_channels, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+# --------------------------------------------------------------------------------------------------
+# torchvision backbones
+def _load_local_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{path}: weights file not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def _torchvision_weights(name: str, weights: str | None) -> tuple[nn.Module, object]:
+    """Build torchvision model ``name`` with ``weights``: None, a weights enum name (e.g. DEFAULT) or a file path."""
+    import torchvision
+
+    if weights is None or weights.lower() in ("none", "random"):
+        return torchvision.models.get_model(name, weights=None), None
+    if os.sep in weights or weights.endswith((".pth", ".pt", ".bin", ".safetensors")):
+        model = torchvision.models.get_model(name, weights=None)
+        model.load_state_dict(_load_local_state_dict(weights))
+        return model, None
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        raise ValueError(f"{name}: unknown weights {weights!r}; choose from {[m.name for m in enum]} + DEFAULT, or give a file path") from None
+    file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+    try:
+        model = torchvision.models.get_model(name, weights=w)
+    except Exception as e:  # urllib errors, SSL errors, timeouts: all mean "not available offline"
+        raise WeightsUnavailableError(
+            f"{name}: pretrained weights {w} are not cached at {file} and could not be downloaded ({type(e).__name__}). "
+            f"Download {w.url} on a machine with internet and copy it to {file}, "
+            f"or set encoder.weights=/path/to/file.pth"
+        ) from None
+    return model, w
+
+
+def _resnet(name: str) -> BackboneBuilder:
+    def build(weights: str | None = None, **_: object) -> Backbone:
+        model, _w = _torchvision_weights(name, weights)
+        body = nn.Sequential(*list(model.children())[:-2])  # drop avgpool and fc: (B, C, H/32, W/32)
+        return Backbone(body, model.fc.in_features)
+
+    build.__doc__ = f"torchvision {name} up to its last convolutional stage."
+    return build
+
+
+def _vgg(name: str) -> BackboneBuilder:
+    def build(weights: str | None = None, **_: object) -> Backbone:
+        model, _w = _torchvision_weights(name, weights)
+        body = model.features[:-1]  # conv5 without the last max-pool: 14x14x512 at 224 px, as in the paper
+        return Backbone(body, 512)
+
+    build.__doc__ = f"torchvision {name} conv5 features (before the last max-pool), as in the paper."
+    return build
+
+
+for _n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+    register_encoder(_n)(_resnet(_n))
+for _n in ("vgg16", "vgg19"):
+    register_encoder(_n)(_vgg(_n))
+
+
+# --------------------------------------------------------------------------------------------------
+class Encoder(nn.Module):
+    """Backbone + optional adaptive pooling to a fixed grid; returns (B, L, D) annotation vectors.
+
+    A frozen encoder has no trainable parameters and stays in eval mode even under ``model.train()``,
+    so BatchNorm statistics never drift.
+    """
+
+    def __init__(self, name: str, weights: str | None = None, grid: int | None = None, freeze: bool = True, **kwargs: object):
+        super().__init__()
+        if name not in ENCODERS:
+            raise KeyError(f"unknown encoder {name!r}; registered: {sorted(ENCODERS)}")
+        bb = ENCODERS[name](weights=weights, **kwargs)
+        self.name, self.body, self.out_dim = name, bb.body, bb.channels
+        self.mean, self.std = tuple(bb.mean), tuple(bb.std)
+        self.grid = grid
+        self.frozen = freeze
+        if freeze:
+            for p in self.body.parameters():
+                p.requires_grad_(False)
+            self.body.eval()
+
+    def train(self, mode: bool = True) -> "Encoder":
+        super().train(mode)
+        if self.frozen:
+            self.body.eval()
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Normalised images (B, 3, H, W) -> features (B, L, D)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            fmap = self.body(images)  # (B, D, h, w)
+        if self.grid is not None and tuple(fmap.shape[-2:]) != (self.grid, self.grid):
+            fmap = F.adaptive_avg_pool2d(fmap, self.grid)  # (B, D, g, g)
+        return fmap.flatten(2).transpose(1, 2)  # (B, L, D)

@@ -1,0 +1,327 @@
+"""The training job: data, model, optimiser, epochs of teacher forcing, validation by real decoding, test."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from captioner.config import DataConfig, DecodeConfig, TrainConfig, to_dict
+from captioner.data.datasets import CaptionPairs, EpochSampler, ImageStore, ImagesOnly, collate_images, collate_pairs
+from captioner.data.images import normalise_uint8
+from captioner.data.sources import ImageRecord, read_records
+from captioner.data.vocab import Vocabulary
+from captioner.decoding import Caption, decode
+from captioner.metrics.localisation import localisation_scores
+from captioner.models.captioner import Captioner, build_model
+from captioner.training.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from captioner.training.losses import caption_loss
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+@dataclass
+class DataBundle:
+    """Records per split, the vocabulary and the image stores."""
+
+    records: dict[str, list[ImageRecord]]
+    vocab: Vocabulary
+    stores: dict[str, ImageStore]
+
+
+def load_records(cfg: DataConfig) -> dict[str, list[ImageRecord]]:
+    """Read (and for the shapes world, generate if asked) the dataset; records grouped by split."""
+    root = Path(cfg.root).expanduser()
+    if cfg.generate and cfg.name == "shapes":
+        from captioner.data.shapes import generate_shapes
+
+        s = cfg.shapes
+        generate_shapes(root, n_train=s.n_train, n_val=s.n_val, n_test=s.n_test, image_size=s.image_size,
+                        seed=s.seed, min_objects=s.min_objects, max_objects=s.max_objects)
+    records = read_records(cfg.format, root, cfg.annotations, cfg.image_root)
+    by_split: dict[str, list[ImageRecord]] = {"train": [], "val": [], "test": []}
+    for r in records:
+        if r.split in by_split:
+            by_split[r.split].append(r)
+    for split, limit in (("train", cfg.limit_train), ("val", cfg.limit_val), ("test", cfg.limit_test)):
+        if limit is not None:
+            by_split[split] = by_split[split][:limit]
+    if not by_split["train"]:
+        raise ValueError(f"{root}: the dataset has no training images")
+    return by_split
+
+
+def build_data(cfg: DataConfig, vocab: Vocabulary | None = None, progress: bool = False) -> DataBundle:
+    """Records, vocabulary (built from the training captions unless given) and image stores."""
+    records = load_records(cfg)
+    if vocab is None:
+        vocab = Vocabulary.build((t for r in records["train"] for t in r.tokens), min_count=cfg.min_word_count)
+    stores = {s: ImageStore(rs, cfg.image_size, preload=cfg.preload, progress=progress) for s, rs in records.items() if rs}
+    return DataBundle(records, vocab, stores)
+
+
+def references(records: Sequence[ImageRecord]) -> dict[str, list[str]]:
+    """Raw reference captions by image id."""
+    return {r.image_id: list(r.captions) for r in records}
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+def pick_device(name: str) -> torch.device:
+    """``auto`` means CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def decode_split(model: Captioner, store: ImageStore, vocab: Vocabulary, decode_cfg: DecodeConfig, batch_size: int,
+                 device: torch.device, progress: bool = False) -> list[Caption]:
+    """Decode every image of a store, in order."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(ImagesOnly(store), batch_size=batch_size, shuffle=False, collate_fn=collate_images)
+    captions: list[Caption] = []
+    for batch in tqdm(loader, desc="decoding", disable=not progress, leave=False):
+        images = normalise_uint8(batch["images"].to(device), model.spec.mean, model.spec.std)
+        captions.extend(decode(model.decoder, model.encode(images), vocab, decode_cfg))
+    model.train(was_training)
+    return captions
+
+
+def score(records: Sequence[ImageRecord], captions: Sequence[Caption]) -> dict[str, float]:
+    """COCO metrics of decoded captions against the records' references."""
+    from captioner.metrics import evaluate
+
+    hyps = {r.image_id: c.text for r, c in zip(records, captions)}
+    return evaluate(references(records), hyps)
+
+
+@torch.no_grad()
+def attention_localisation(model: Captioner, records: Sequence[ImageRecord], store: ImageStore, vocab: Vocabulary,
+                           batch_size: int, device: torch.device, max_len: int = 30) -> dict[str, float] | None:
+    """Localisation of the attention peak under teacher forcing (records need shapes-world boxes)."""
+    if not records or "objects" not in records[0].extra:
+        return None
+    model.eval()
+    attend = "argmax" if model.decoder.attention_type == "hard" else None
+    alphas, ids, boxes = [], [], []
+    image_hw = None
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        images = torch.stack([store[start + i] for i in range(len(chunk))])
+        images = normalise_uint8(images.to(device), model.spec.mean, model.spec.std)
+        feats = model.encode(images)  # (B, L, D)
+        for r_i, r in enumerate(chunk):
+            enc = [vocab.encode(t, max_len) for t in r.tokens]
+            caps = torch.zeros(len(enc), max(len(e) for e in enc), dtype=torch.long)
+            for k, e in enumerate(enc):
+                caps[k, : len(e)] = torch.tensor(e)
+            out = model.decoder(feats[r_i : r_i + 1].expand(len(enc), -1, -1), caps.to(device), attend=attend)
+            for k, toks in enumerate(r.tokens):
+                alphas.append(out.alphas[k, : len(toks)].cpu())  # step t emits token t
+                ids.append(r.extra["object_ids"][k])
+                boxes.append([o["bbox"] for o in r.extra["objects"]])
+        if image_hw is None:
+            from PIL import Image
+
+            with Image.open(chunk[0].path) as im:
+                image_hw = (im.height, im.width)
+    L = alphas[0].size(-1)
+    g = int(round(math.sqrt(L)))
+    return localisation_scores(alphas, ids, boxes, (g, L // g), image_hw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+def make_optimizer(model: Captioner, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam; a fine-tuned encoder gets its own learning rate."""
+    groups = [{"params": [p for p in model.decoder.parameters() if p.requires_grad], "lr": cfg.optim.lr}]
+    enc = [p for p in model.encoder.parameters() if p.requires_grad]
+    if enc:
+        groups.append({"params": enc, "lr": cfg.optim.encoder_lr})
+    return torch.optim.Adam(groups, weight_decay=cfg.optim.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step LR multiplier: linear warm-up, then cosine / step decay / constant."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    o = cfg.optim
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.scheduler == "cosine":
+            p = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p))
+        if o.scheduler == "step":
+            return o.gamma ** (step // max(1, o.step_size * steps_per_epoch))
+        if o.scheduler == "none":
+            return 1.0
+        raise ValueError(f"unknown optim.scheduler {o.scheduler!r}; expected cosine, step or none")
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python and torch RNG states (plain values, safe for weights_only loading)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    v, inner, gauss = state["python"]
+    random.setstate((v, tuple(inner), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig,
+                    device: torch.device, epoch: int, deadline: float | None = None) -> dict[str, float]:
+    """One pass of teacher forcing; returns mean loss terms. Stops early at ``deadline`` (time.time())."""
+    model.train()
+    totals: dict[str, float] = {}
+    n = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False, mininterval=2.0)
+    for batch in bar:
+        images = normalise_uint8(batch["images"].to(device, non_blocking=True), model.spec.mean, model.spec.std)
+        captions = batch["captions"].to(device)
+        out = model(images, captions)
+        losses = caption_loss(out, captions, cfg.model.doubly_stochastic)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch}, batch {n}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        n += 1
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        if n % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{totals['loss'] / n:.3f}")
+        if deadline is not None and time.time() > deadline:
+            log.info("time budget reached during epoch %d after %d batches", epoch, n)
+            break
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Train, validate by greedy decoding with early stopping, test the best checkpoint; returns test metrics."""
+    t0 = time.time()
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    resume_path = None
+    if cfg.resume == "auto":
+        resume_path = out_dir / "last.pt" if (out_dir / "last.pt").is_file() else None
+    elif cfg.resume:
+        resume_path = Path(cfg.resume)
+    ckpt = load_checkpoint(resume_path) if resume_path else None
+
+    data = build_data(cfg.data, vocab=Vocabulary(ckpt["vocab"]) if ckpt else None, progress=cfg.progress)
+    vocab = data.vocab
+    log.info("data: %s, %d/%d/%d images, vocabulary %d words", cfg.data.name,
+             *(len(data.records[s]) for s in ("train", "val", "test")), len(vocab))
+    vocab.save(out_dir / "vocab.json")
+
+    model = build_model(cfg.encoder, cfg.model, len(vocab), cfg.data.image_size).to(device)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("model: %s encoder (%s), %s decoder with %s attention, %d trainable parameters",
+             cfg.encoder.name, "frozen" if cfg.encoder.freeze else "trained", cfg.model.cell, cfg.model.attention, n_params)
+
+    pairs = CaptionPairs(data.records["train"], vocab, data.stores["train"], cfg.data.max_caption_len)
+    sampler = EpochSampler(len(pairs), cfg.seed)
+    loader = DataLoader(pairs, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate_pairs,
+                        num_workers=cfg.data.num_workers, drop_last=False)
+    steps_per_epoch = math.ceil(len(pairs) / cfg.data.batch_size)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, steps_per_epoch)
+
+    start_epoch, best, bad_epochs = 1, -math.inf, 0
+    if ckpt:
+        unwrap(model).load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        best, bad_epochs = float(ckpt["best"]), int(ckpt["bad_epochs"])
+        set_rng_state(ckpt["rng"])
+        log.info("resumed from %s at epoch %d (best %s %.4f)", resume_path, start_epoch, cfg.val_metric, best)
+
+    metrics_file = out_dir / "metrics.jsonl"
+    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
+    config_dict = to_dict(cfg)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        sampler.set_epoch(epoch)
+        te = time.time()
+        train_stats = train_one_epoch(model, loader, opt, sched, cfg, device, epoch, deadline)
+        record: dict[str, Any] = {"epoch": epoch, "train": train_stats, "lr": opt.param_groups[0]["lr"], "epoch_seconds": round(time.time() - te, 1)}
+        improved = False
+        if data.records["val"] and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
+            caps = decode_split(model, data.stores["val"], vocab, cfg.decode, cfg.data.eval_batch_size, device)
+            val = score(data.records["val"], caps)
+            record["val"] = val
+            if cfg.val_metric not in val:
+                raise KeyError(f"val_metric {cfg.val_metric!r} is not one of {sorted(val)}")
+            if val[cfg.val_metric] > best:
+                best, bad_epochs, improved = val[cfg.val_metric], 0, True
+            else:
+                bad_epochs += 1
+        else:
+            improved = not data.records["val"]
+        state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
+                 "bad_epochs": bad_epochs, "rng": rng_state(), "metrics": record, "config": config_dict}
+        save_checkpoint(out_dir / "last.pt", model, vocab, **state)
+        if improved:
+            save_checkpoint(out_dir / "best.pt", model, vocab, **state)
+        with metrics_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        val_txt = f", val {cfg.val_metric} {record['val'][cfg.val_metric]:.4f}" if "val" in record else ""
+        log.info("epoch %d: loss %.4f%s (%.0fs)", epoch, train_stats.get("loss", float("nan")), val_txt, record["epoch_seconds"])
+        if data.records["val"] and bad_epochs >= cfg.patience:
+            log.info("early stopping: no %s improvement for %d epochs", cfg.val_metric, bad_epochs)
+            break
+        if deadline is not None and time.time() > deadline:
+            log.info("stopping: max_minutes=%s reached", cfg.max_minutes)
+            break
+
+    results: dict[str, float] = {}
+    if cfg.test and data.records["test"]:
+        best_path = out_dir / "best.pt" if (out_dir / "best.pt").is_file() else out_dir / "last.pt"
+        unwrap(model).load_state_dict(load_checkpoint(best_path)["model"])
+        caps = decode_split(model, data.stores["test"], vocab, cfg.decode, cfg.data.eval_batch_size, device)
+        results = score(data.records["test"], caps)
+        if cfg.localisation:
+            loc = attention_localisation(model, data.records["test"], data.stores["test"], vocab, cfg.data.eval_batch_size,
+                                         device, cfg.data.max_caption_len)
+            if loc:
+                results.update(loc)
+        results["train_minutes"] = round((time.time() - t0) / 60, 2)
+        coco = [{"image_id": r.image_id, "caption": c.text} for r, c in zip(data.records["test"], caps)]
+        (out_dir / "test_captions.json").write_text(json.dumps(coco, indent=1))
+        (out_dir / "test_metrics.json").write_text(json.dumps(results, indent=1))
+        log.info("test: %s", ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    return results
