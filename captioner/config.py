@@ -40,7 +40,8 @@ class DataConfig:
     image_size: int = 224
     min_word_count: int = 5
     max_caption_len: int = 30  # words, without <start>/<end>
-    batch_size: int = 64
+    batch_size: int = 64  # images per training batch
+    captions_per_image: Optional[int] = None  # captions per image per batch (None: all of them)
     eval_batch_size: int = 128
     num_workers: int = 0
     preload: bool = False  # decode every image once into RAM (small datasets)
@@ -76,6 +77,12 @@ class ModelConfig:
     beta_gate: bool = True
     deep_output: bool = True
     doubly_stochastic: float = 1.0  # lambda of the doubly stochastic attention penalty
+    # Hard attention (REINFORCE), Xu et al. 2015 eq. (12); ignored for soft attention.
+    lambda_r: float = 1.0  # weight of the score-function (REINFORCE) term
+    lambda_e: float = 0.01  # weight of the entropy bonus
+    soft_mix: float = 0.5  # probability per minibatch of training with the expected (soft) context instead
+    baseline_decay: float = 0.9  # moving-average baseline b <- decay * b + (1 - decay) * log p(y | s, a)
+    hard_samples: int = 1  # location sequences drawn per caption; > 1 uses a leave-one-out baseline
 
 
 @dataclass

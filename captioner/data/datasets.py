@@ -40,22 +40,32 @@ class ImageStore:
         return uint8_tensor(load_image(self.paths[i]), self.size)  # (3, S, S)
 
 
-class CaptionPairs(Dataset):
-    """Every (image, reference caption) pair of a split; items are (image uint8 (3,S,S), ids, image index)."""
+class CaptionGroups(Dataset):
+    """Training items: one image with ``k`` of its reference captions.
 
-    def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary, images: ImageStore, max_len: int):
+    Encoding an image once for several captions saves most of the encoder's cost when it is trained.
+    Which ``k`` captions an image contributes rotates with the epoch (``set_epoch``), deterministically,
+    so every caption is used and a resumed run sees the same data as an uninterrupted one.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary, images: ImageStore, max_len: int, captions_per_image: int | None = None):
         self.images = images
-        self.pairs: list[tuple[int, list[int]]] = []
-        for i, r in enumerate(records):
-            for toks in r.tokens:
-                self.pairs.append((i, vocab.encode(toks, max_len)))
+        self.captions = [[vocab.encode(t, max_len) for t in r.tokens] for r in records]
+        self.k = captions_per_image
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.captions)
 
-    def __getitem__(self, k: int) -> tuple[Tensor, list[int], int]:
-        i, ids = self.pairs[k]
-        return self.images[i], ids, i
+    def __getitem__(self, i: int) -> tuple[Tensor, list[list[int]], int]:
+        caps = self.captions[i]
+        k = len(caps) if not self.k else min(self.k, len(caps))
+        first = (self.epoch * k) % len(caps)
+        chosen = [caps[(first + j) % len(caps)] for j in range(k)]
+        return self.images[i], chosen, i
 
 
 class ImagesOnly(Dataset):
@@ -80,11 +90,13 @@ def pad_captions(captions: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Te
     return out, lengths
 
 
-def collate_pairs(batch: Sequence[tuple[Tensor, list[int], int]]) -> dict[str, Tensor]:
-    """Stack images, pad captions: images (B,3,S,S) uint8, captions (B,T), lengths (B,), index (B,)."""
+def collate_groups(batch: Sequence[tuple[Tensor, list[list[int]], int]]) -> dict[str, Tensor]:
+    """Images (B,3,S,S) uint8; captions (N,T) padded with lengths (N,); image_of (N,) maps captions to images."""
     images = torch.stack([b[0] for b in batch])
-    captions, lengths = pad_captions([b[1] for b in batch])
-    return {"images": images, "captions": captions, "lengths": lengths, "index": torch.tensor([b[2] for b in batch])}
+    caps = [c for b in batch for c in b[1]]
+    image_of = torch.tensor([k for k, b in enumerate(batch) for _ in b[1]], dtype=torch.long)
+    captions, lengths = pad_captions(caps)
+    return {"images": images, "captions": captions, "lengths": lengths, "image_of": image_of, "index": torch.tensor([b[2] for b in batch])}
 
 
 def collate_images(batch: Sequence[tuple[Tensor, int]]) -> dict[str, Tensor]:

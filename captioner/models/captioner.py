@@ -49,9 +49,16 @@ class Captioner(nn.Module):
         """Normalised images (B, 3, H, W) -> features (B, L, D)."""
         return self.encoder(images)
 
-    def forward(self, images: Tensor, captions: Tensor, attend: str | None = None) -> DecoderOutput:
-        """Teacher-forced decoder outputs for images (B, 3, H, W) and captions (B, T)."""
-        return self.decoder(self.encode(images), captions, attend=attend)
+    def forward(self, images: Tensor, captions: Tensor, lengths: Tensor | None = None, image_of: Tensor | None = None,
+                attend: str | None = None) -> DecoderOutput:
+        """Teacher-forced decoder outputs for images (B, 3, H, W) and captions (N, T).
+
+        ``image_of`` (N,) says which image each caption belongs to (default: caption i <-> image i).
+        """
+        features = self.encode(images)  # (B, L, D)
+        if image_of is not None:
+            features = features.index_select(0, image_of)  # (N, L, D)
+        return self.decoder(features, captions, lengths, attend=attend)
 
 
 def build_model(encoder_cfg: Any, model_cfg: Any, vocab_size: int, image_size: int) -> Captioner:

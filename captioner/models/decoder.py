@@ -157,19 +157,44 @@ class AttentionDecoder(nn.Module):
             F.log_softmax(logits, dim=-1), att.alpha, new_state, att.location, att.log_prob, att.entropy, beta
         )
 
-    def forward(self, features: Tensor, captions: Tensor, attend: str | None = None) -> DecoderOutput:
-        """Teacher forcing: captions (B, T) starting with <start>; predicts positions 1..T-1."""
-        memory = self.init_memory(features)
+    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor | None = None, attend: str | None = None) -> DecoderOutput:
+        """Teacher forcing: captions (B, T) starting with <start>; predicts positions 1..T-1.
+
+        With ``lengths`` (B,) (tokens including <start> and <end>), rows are processed longest first
+        and a row stops being computed once its caption has ended, so padding costs nothing and cannot
+        affect any output. Outputs at padded positions are zero.
+        """
+        B, T = captions.shape
+        if lengths is None:
+            lengths = captions.ne(0).sum(1)  # (B,) <pad> is id 0 and only ever trails
+        lengths, order = lengths.to(captions.device).sort(descending=True)
+        captions = captions.index_select(0, order)
+        memory = self.init_memory(features.index_select(0, order))
         state = self.init_state(memory)
-        log_probs, alphas, lps, ents, locs = [], [], [], [], []
-        for t in range(captions.size(1) - 1):
-            out = self.step(captions[:, t], state, memory, attend=attend)
+        steps = int(lengths[0].item()) - 1
+        active = [int((lengths > t + 1).sum().item()) for t in range(steps)]  # rows still predicting at step t
+        L = features.size(1)
+        log_probs = features.new_zeros(B, T - 1, self.vocab_size)  # (B, T-1, V)
+        alphas = features.new_zeros(B, T - 1, L)  # (B, T-1, L)
+        hard = self.attention_type == "hard"
+        lps = features.new_zeros(B, T - 1) if hard else None  # (B, T-1)
+        ents = features.new_zeros(B, T - 1) if hard else None
+        locs = torch.zeros(B, T - 1, dtype=torch.long, device=features.device) if hard else None
+        for t in range(steps):
+            b = active[t]
+            if b < state.h.size(1):  # finished rows drop out; rows are sorted so they are the last ones
+                state = State(state.h[:, :b], state.c[:, :b] if state.c.numel() else state.c)
+                memory = Memory(memory.features[:b], memory.projected[:b])
+            out = self.step(captions[:b, t], state, memory, attend=attend)
             state = out.state
-            log_probs.append(out.log_probs)
-            alphas.append(out.alpha)
-            if out.location is not None:
-                lps.append(out.location_log_prob)
-                ents.append(out.entropy)
-                locs.append(out.location)
-        stack = (lambda xs: torch.stack(xs, 1)) if lps else (lambda xs: None)
-        return DecoderOutput(torch.stack(log_probs, 1), torch.stack(alphas, 1), stack(lps), stack(ents), stack(locs))
+            log_probs[:b, t] = out.log_probs
+            alphas[:b, t] = out.alpha
+            if hard:
+                lps[:b, t], ents[:b, t], locs[:b, t] = out.location_log_prob, out.entropy, out.location
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(B, device=order.device)
+        unsort = lambda x: x.index_select(0, inverse)  # noqa: E731
+        return DecoderOutput(
+            unsort(log_probs), unsort(alphas),
+            unsort(lps) if hard else None, unsort(ents) if hard else None, unsort(locs) if hard else None,
+        )

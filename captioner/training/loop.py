@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.config import DataConfig, DecodeConfig, TrainConfig, to_dict
-from captioner.data.datasets import CaptionPairs, EpochSampler, ImageStore, ImagesOnly, collate_images, collate_pairs
+from captioner.data.datasets import CaptionGroups, EpochSampler, ImageStore, ImagesOnly, collate_groups, collate_images
 from captioner.data.images import normalise_uint8
 from captioner.data.sources import ImageRecord, read_records
 from captioner.data.vocab import Vocabulary
@@ -125,16 +125,18 @@ def attention_localisation(model: Captioner, records: Sequence[ImageRecord], sto
         images = torch.stack([store[start + i] for i in range(len(chunk))])
         images = normalise_uint8(images.to(device), model.spec.mean, model.spec.std)
         feats = model.encode(images)  # (B, L, D)
-        for r_i, r in enumerate(chunk):
-            enc = [vocab.encode(t, max_len) for t in r.tokens]
-            caps = torch.zeros(len(enc), max(len(e) for e in enc), dtype=torch.long)
-            for k, e in enumerate(enc):
-                caps[k, : len(e)] = torch.tensor(e)
-            out = model.decoder(feats[r_i : r_i + 1].expand(len(enc), -1, -1), caps.to(device), attend=attend)
-            for k, toks in enumerate(r.tokens):
-                alphas.append(out.alphas[k, : len(toks)].cpu())  # step t emits token t
-                ids.append(r.extra["object_ids"][k])
+        enc = [vocab.encode(t, max_len) for r in chunk for t in r.tokens]
+        image_of = torch.tensor([i for i, r in enumerate(chunk) for _ in r.tokens], device=device)
+        caps, lengths = pad_captions(enc)
+        out = model.decoder(feats.index_select(0, image_of), caps.to(device), lengths.to(device), attend=attend)
+        k = 0
+        for r in chunk:
+            for c, toks in enumerate(r.tokens):
+                n = min(len(toks), max_len)
+                alphas.append(out.alphas[k, :n].cpu())  # step t emits token t
+                ids.append(r.extra["object_ids"][c][:n])
                 boxes.append([o["bbox"] for o in r.extra["objects"]])
+                k += 1
         if image_hw is None:
             from PIL import Image
 
@@ -193,7 +195,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig,
-                    device: torch.device, epoch: int, deadline: float | None = None) -> dict[str, float]:
+                    device: torch.device, epoch: int, deadline: float | None = None, baseline: Any = None) -> dict[str, float]:
     """One pass of teacher forcing; returns mean loss terms. Stops early at ``deadline`` (time.time())."""
     model.train()
     totals: dict[str, float] = {}
@@ -201,9 +203,14 @@ def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optim
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False, mininterval=2.0)
     for batch in bar:
         images = normalise_uint8(batch["images"].to(device, non_blocking=True), model.spec.mean, model.spec.std)
-        captions = batch["captions"].to(device)
-        out = model(images, captions)
-        losses = caption_loss(out, captions, cfg.model.doubly_stochastic)
+        captions, lengths, image_of = batch["captions"].to(device), batch["lengths"].to(device), batch["image_of"].to(device)
+        if model.decoder.attention_type == "hard":
+            from captioner.training.reinforce import hard_attention_loss
+
+            losses = hard_attention_loss(model, images, captions, lengths, image_of, cfg.model, baseline)
+        else:
+            out = model(images, captions, lengths, image_of)
+            losses = caption_loss(out, captions, cfg.model.doubly_stochastic)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch}, batch {n}")
@@ -215,7 +222,7 @@ def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optim
         sched.step()
         n += 1
         for k, v in losses.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+            totals[k] = totals.get(k, 0.0) + float(v.detach())
         if n % cfg.log_every == 0:
             bar.set_postfix(loss=f"{totals['loss'] / n:.3f}")
         if deadline is not None and time.time() > deadline:
@@ -253,14 +260,19 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     log.info("model: %s encoder (%s), %s decoder with %s attention, %d trainable parameters",
              cfg.encoder.name, "frozen" if cfg.encoder.freeze else "trained", cfg.model.cell, cfg.model.attention, n_params)
 
-    pairs = CaptionPairs(data.records["train"], vocab, data.stores["train"], cfg.data.max_caption_len)
-    sampler = EpochSampler(len(pairs), cfg.seed)
-    loader = DataLoader(pairs, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate_pairs,
+    groups = CaptionGroups(data.records["train"], vocab, data.stores["train"], cfg.data.max_caption_len, cfg.data.captions_per_image)
+    sampler = EpochSampler(len(groups), cfg.seed)
+    loader = DataLoader(groups, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate_groups,
                         num_workers=cfg.data.num_workers, drop_last=False)
-    steps_per_epoch = math.ceil(len(pairs) / cfg.data.batch_size)
+    steps_per_epoch = math.ceil(len(groups) / cfg.data.batch_size)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
 
+    baseline = None
+    if cfg.model.attention == "hard":
+        from captioner.training.reinforce import ReinforceBaseline
+
+        baseline = ReinforceBaseline(cfg.model.baseline_decay)
     start_epoch, best, bad_epochs = 1, -math.inf, 0
     if ckpt:
         unwrap(model).load_state_dict(ckpt["model"])
@@ -269,6 +281,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         start_epoch = int(ckpt["epoch"]) + 1
         best, bad_epochs = float(ckpt["best"]), int(ckpt["bad_epochs"])
         set_rng_state(ckpt["rng"])
+        if baseline is not None and ckpt.get("baseline") is not None:
+            baseline.load_state_dict(ckpt["baseline"])
         log.info("resumed from %s at epoch %d (best %s %.4f)", resume_path, start_epoch, cfg.val_metric, best)
 
     metrics_file = out_dir / "metrics.jsonl"
@@ -276,8 +290,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     config_dict = to_dict(cfg)
     for epoch in range(start_epoch, cfg.epochs + 1):
         sampler.set_epoch(epoch)
+        groups.set_epoch(epoch)
         te = time.time()
-        train_stats = train_one_epoch(model, loader, opt, sched, cfg, device, epoch, deadline)
+        train_stats = train_one_epoch(model, loader, opt, sched, cfg, device, epoch, deadline, baseline)
         record: dict[str, Any] = {"epoch": epoch, "train": train_stats, "lr": opt.param_groups[0]["lr"], "epoch_seconds": round(time.time() - te, 1)}
         improved = False
         if data.records["val"] and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
@@ -293,7 +308,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         else:
             improved = not data.records["val"]
         state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
-                 "bad_epochs": bad_epochs, "rng": rng_state(), "metrics": record, "config": config_dict}
+                 "bad_epochs": bad_epochs, "rng": rng_state(), "metrics": record, "config": config_dict,
+                 "baseline": baseline.state_dict() if baseline is not None else None}
         save_checkpoint(out_dir / "last.pt", model, vocab, **state)
         if improved:
             save_checkpoint(out_dir / "best.pt", model, vocab, **state)
