@@ -74,3 +74,16 @@ def train_main() -> None:
         print(json.dumps(results), flush=True)
 
     _run_hydra("train", task)
+
+
+def evaluate_main() -> None:
+    """``captioner-evaluate`` / ``python scripts/evaluate.py``: print a metrics table and its JSON."""
+
+    def task(cfg) -> None:
+        from captioner.evaluation import evaluate, format_table
+
+        metrics = evaluate(cfg)
+        print(format_table(metrics))
+        print(json.dumps(metrics), flush=True)
+
+    _run_hydra("evaluate", task)

@@ -57,6 +57,7 @@ class EncoderConfig:
     name: str = "shapes_cnn"
     weights: Optional[str] = None  # None: random; an enum name (DEFAULT, IMAGENET1K_V1); or a file path
     grid: Optional[int] = None  # adaptive-pool the feature map to grid x grid (None: keep native)
+    stage: Optional[str] = None  # which feature map, for backbones that offer several (efficientnet_lite0: last, stage5, ...)
     freeze: bool = True
     channels: int = 128  # shapes_cnn only
     blocks: int = 3  # shapes_cnn only
@@ -142,12 +143,30 @@ class TrainConfig:
     test: bool = True
 
 
+@dataclass
+class EvaluateConfig:
+    """The evaluation job (``conf/evaluate.yaml``): a checkpoint decoded on a split, or a results file scored."""
+
+    data: DataConfig = MISSING
+    decode: DecodeConfig = MISSING
+    checkpoint: Optional[str] = None  # decode this checkpoint's captions for data.split ...
+    results: Optional[str] = None  # ... or score this COCO-format results file [{"image_id", "caption"}]
+    split: str = "test"
+    meteor: bool = False  # needs Java and pycocoevalcap
+    localisation: bool = True
+    device: str = "auto"
+    threads: Optional[int] = None
+    output_dir: str = MISSING
+    progress: bool = True
+
+
 def register_configs() -> None:
     """Register the schemas so YAML options can be validated against them."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="encoder", name="encoder_schema", node=EncoderConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)

@@ -26,7 +26,7 @@ class AdditiveScorer(nn.Module):
         super().__init__()
         self.feature_proj = nn.Linear(feature_dim, attn_dim)
         self.hidden_proj = nn.Linear(hidden_dim, attn_dim, bias=False)
-        self.score = nn.Linear(attn_dim, 1)
+        self.score = nn.Linear(attn_dim, 1, bias=False)  # a bias would cancel in the softmax
 
     def project(self, features: Tensor) -> Tensor:
         """Project the features once per image: (B, L, D) -> (B, L, A)."""

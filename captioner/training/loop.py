@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.config import DataConfig, DecodeConfig, TrainConfig, to_dict
-from captioner.data.datasets import CaptionGroups, EpochSampler, ImageStore, ImagesOnly, collate_groups, collate_images
+from captioner.data.datasets import CaptionGroups, EpochSampler, ImageStore, ImagesOnly, collate_groups, collate_images, pad_captions
 from captioner.data.images import normalise_uint8
 from captioner.data.sources import ImageRecord, read_records
 from captioner.data.vocab import Vocabulary

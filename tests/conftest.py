@@ -1,0 +1,56 @@
+"""Shared fixtures: the real Hydra config composed with small overrides, and a tiny shapes world."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_MODEL = [
+    "model.embed_dim=32", "model.hidden_dim=32", "model.attn_dim=16", "encoder.channels=16",
+    "data.batch_size=8", "data.eval_batch_size=16", "progress=false", "device=cpu",
+]
+
+
+def compose_train(overrides: list[str]):
+    """Compose conf/train.yaml with overrides, as the training script does, and convert to dataclasses."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+
+    from captioner.cli import config_dir
+    from captioner.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=False)
+    return OmegaConf.to_object(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory) -> Path:
+    """A 48/8/8-image shapes world, generated once per test session."""
+    from captioner.data.shapes import generate_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root, n_train=48, n_val=8, n_test=8, image_size=64, seed=0)
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(tiny_shapes, tmp_path):
+    """Factory: the real training config on the tiny shapes world with a tiny model."""
+
+    def make(*extra: str):
+        return compose_train(
+            ["experiment=shapes_soft", f"data.root={tiny_shapes}", "data.generate=false", f"output_dir={tmp_path / 'run'}",
+             "epochs=1", *TINY_MODEL, *extra]
+        )
+
+    return make

@@ -1,0 +1,140 @@
+import pytest
+import torch
+
+from captioner.models.decoder import AttentionDecoder
+from captioner.models.encoder import ENCODERS, Encoder
+from captioner.training.losses import caption_loss
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_every_encoder_gives_finite_grid(name):
+    torch.manual_seed(0)
+    kwargs = {"channels": 16} if name == "shapes_cnn" else {}
+    if name == "efficientnet_lite0":
+        kwargs = {"stage": "stage5"}
+    enc = Encoder(name, weights=None, grid=4, freeze=False, **kwargs)
+    x = torch.randn(2, 3, 32, 32)  # small input keeps the sweep fast; the grid is pooled to 4x4
+    feats = enc(x)
+    assert feats.shape == (2, 16, enc.out_dim)
+    assert torch.isfinite(feats).all()
+    assert feats.std() > 0
+    feats.mean().backward()
+    missing = [n for n, p in enc.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+def test_frozen_encoder_keeps_batchnorm_in_eval():
+    enc = Encoder("resnet18", weights=None, grid=2, freeze=True)
+    enc.train()
+    assert not enc.body.training
+    before = enc.body[1].running_mean.clone()
+    enc(torch.randn(4, 3, 64, 64) * 3 + 1)
+    assert torch.equal(before, enc.body[1].running_mean)  # statistics did not drift
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_native_grid_without_pooling():
+    enc = Encoder("shapes_cnn", grid=None, freeze=False, channels=32)
+    assert enc(torch.randn(1, 3, 64, 64)).shape == (1, 64, 32)  # 64 px / 2^3 = 8x8 grid
+
+
+def _decoder(**kw):
+    torch.manual_seed(0)
+    args = dict(vocab_size=11, feature_dim=6, embed_dim=8, hidden_dim=10, attn_dim=7, dropout=0.0)
+    args.update(kw)
+    return AttentionDecoder(**args)
+
+
+def _batch(B=3, L=5, D=6, T=7, V=11):
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(B, L, D, generator=g)
+    caps = torch.randint(4, V, (B, T), generator=g)
+    caps[:, 0] = 1
+    lengths = torch.tensor([T, T - 2, 3])[:B]
+    for b in range(B):
+        caps[b, lengths[b] - 1] = 2
+        caps[b, lengths[b]:] = 0
+    return feats, caps, lengths
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_step_shapes_and_attention_sums_to_one(attention):
+    dec = _decoder(attention=attention)
+    feats, caps, _ = _batch()
+    mem = dec.init_memory(feats)
+    state = dec.init_state(mem)
+    out = dec.step(caps[:, 0], state, mem)
+    assert out.log_probs.shape == (3, 11) and out.alpha.shape == (3, 5)
+    torch.testing.assert_close(out.alpha.sum(-1), torch.ones(3))
+    torch.testing.assert_close(out.log_probs.exp().sum(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("layers", [1, 2, 3, 4])
+def test_every_trainable_parameter_gets_a_gradient(cell, layers):
+    dec = _decoder(cell=cell, num_layers=layers)
+    feats, caps, lengths = _batch()
+    out = dec(feats, caps, lengths)
+    loss = caption_loss(out, caps, lambda_ds=1.0)["loss"]
+    loss.backward()
+    for n, p in dec.named_parameters():
+        assert p.grad is not None, n
+        if n != "embed.weight":  # only the embedding rows of used words move
+            assert p.grad.abs().sum() > 0, n
+
+
+def test_padding_does_not_change_the_loss():
+    dec = _decoder()
+    feats, caps, lengths = _batch()
+    base = caption_loss(dec(feats, caps, lengths), caps)
+    wider = torch.cat([caps, torch.zeros(3, 5, dtype=torch.long)], dim=1)  # more padding
+    more = caption_loss(dec(feats, wider, lengths), wider)
+    torch.testing.assert_close(base["loss"], more["loss"])
+    garbage = caps.clone()
+    for b, n in enumerate(lengths.tolist()):
+        garbage[b, n:] = 0
+    # without explicit lengths the decoder infers them from the padding and agrees
+    torch.testing.assert_close(caption_loss(dec(feats, garbage), garbage)["loss"], base["loss"])
+
+
+def test_shrinking_batch_matches_one_caption_at_a_time():
+    dec = _decoder()
+    feats, caps, lengths = _batch()
+    out = dec(feats, caps, lengths)
+    for b in range(3):
+        n = int(lengths[b])
+        single = dec(feats[b : b + 1], caps[b : b + 1, :n])
+        torch.testing.assert_close(out.log_probs[b, : n - 1], single.log_probs[0])
+        torch.testing.assert_close(out.alphas[b, : n - 1], single.alphas[0])
+        assert out.log_probs[b, n - 1 :].abs().sum() == 0  # padded positions are never computed
+
+
+def test_feature_projection_computed_once_per_image(monkeypatch):
+    dec = _decoder()
+    feats, caps, lengths = _batch()
+    calls = []
+    orig = dec.attention.project
+    monkeypatch.setattr(dec.attention, "project", lambda f: calls.append(1) or orig(f))
+    dec(feats, caps, lengths)
+    assert len(calls) == 1
+
+
+def test_doubly_stochastic_penalty_is_zero_when_attention_covers_each_location_once():
+    from captioner.training.losses import doubly_stochastic
+
+    T, L = 4, 4
+    alphas = torch.eye(T).unsqueeze(0)  # step t attends only location t
+    targets = torch.ones(1, T, dtype=torch.long)
+    assert doubly_stochastic(alphas, targets) == 0
+    uniform = torch.full((1, T, L), 1.0 / L)
+    assert doubly_stochastic(uniform, targets) == 0  # sum_t alpha_ti = 1 as well
+    assert doubly_stochastic(uniform[:, :2], targets[:, :2]) == pytest.approx(0.25)  # (1 - 0.5)^2
+
+
+def test_bad_decoder_options():
+    with pytest.raises(ValueError, match="cell"):
+        _decoder(cell="transformer")
+    with pytest.raises(ValueError, match="num_layers"):
+        _decoder(num_layers=5)
+    with pytest.raises(KeyError, match="unknown encoder"):
+        Encoder("resnet9000")
