@@ -68,7 +68,8 @@ class ModelConfig:
     """The decoder: cell, widths, attention type and its training options."""
 
     name: str = "soft"
-    attention: str = "soft"  # soft | hard
+    attention: str = "soft"  # soft | hard | none (Show and Tell)
+    image_input: str = "init"  # init: image sets h_0/c_0; first: image is the input before <start> (attention none only)
     cell: str = "lstm"  # lstm | gru | rnn
     num_layers: int = 1
     embed_dim: int = 256

@@ -138,3 +138,35 @@ def test_bad_decoder_options():
         _decoder(num_layers=5)
     with pytest.raises(KeyError, match="unknown encoder"):
         Encoder("resnet9000")
+
+
+@pytest.mark.parametrize("image_input", ["init", "first"])
+def test_show_tell_gradients_and_uniform_maps(image_input):
+    dec = _decoder(attention="none", image_input=image_input, beta_gate=False)
+    feats, caps, lengths = _batch()
+    out = dec(feats, caps, lengths)
+    caption_loss(out, caps, lambda_ds=0.0)["loss"].backward()
+    for n, p in dec.named_parameters():
+        assert p.grad is not None, n
+    assert dec.attention is None
+    torch.testing.assert_close(out.alphas[0, 0], torch.full((5,), 0.2))
+    # the image matters: other features, other word distribution
+    assert not torch.allclose(dec(feats.flip(0), caps, lengths).log_probs[0, 0], out.log_probs[0, 0])
+
+
+def test_show_tell_decodes_with_every_strategy():
+    from captioner.config import DecodeConfig
+    from captioner.data.vocab import Vocabulary
+    from captioner.decoding import decode
+
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(7)])
+    dec = _decoder(attention="none").eval()
+    feats, _, _ = _batch()
+    for strategy in ("greedy", "sample", "beam"):
+        caps = decode(dec, feats, vocab, DecodeConfig(strategy=strategy, max_len=5, beam_size=3))
+        assert len(caps) == 3 and all(c.attention.shape == (len(c.tokens), 5) for c in caps)
+
+
+def test_show_tell_rejects_first_input_with_attention():
+    with pytest.raises(ValueError, match="image_input"):
+        _decoder(attention="soft", image_input="first")

@@ -127,3 +127,9 @@ def test_train_script_end_to_end(tiny_shapes, tmp_path):
     final = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"BLEU-4", "attention_localisation", "attention_localisation_per_word"} <= final.keys()
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_show_tell_trains_on_tiny_config(tiny_cfg):
+    cfg = tiny_cfg("model=show_tell", "epochs=1")
+    results = train(cfg)
+    assert "BLEU-4" in results and "attention_localisation" not in results  # localisation needs attention

@@ -62,7 +62,13 @@ class DecoderOutput(NamedTuple):
 
 
 class AttentionDecoder(nn.Module):
-    """Recurrent decoder with soft or hard attention, a beta gate and the paper's deep output layer."""
+    """Recurrent decoder with soft or hard attention, a beta gate and the paper's deep output layer.
+
+    ``attention="none"`` gives the Show-and-Tell baseline (Vinyals et al., 2015): no attention; the
+    pooled image feature either sets the initial state (``image_input="init"``) or is fed as the
+    first input before ``<start>`` (``image_input="first"``, as in the original). Its attention maps
+    are uniform, so every decoding strategy and the result type stay the same.
+    """
 
     def __init__(
         self,
@@ -77,34 +83,40 @@ class AttentionDecoder(nn.Module):
         attention: str = "soft",
         beta_gate: bool = True,
         deep_output: bool = True,
+        image_input: str = "init",
     ):
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"unknown cell {cell!r}; expected one of {sorted(CELLS)}")
-        if attention not in ATTENTION:
-            raise ValueError(f"unknown attention {attention!r}; expected one of {sorted(ATTENTION)}")
+        if attention not in ATTENTION and attention != "none":
+            raise ValueError(f"unknown attention {attention!r}; expected one of {sorted(ATTENTION) + ['none']}")
+        if image_input not in ("init", "first") or (image_input == "first" and attention != "none"):
+            raise ValueError(f"image_input must be 'init', or 'first' with attention='none'; got {image_input!r}")
         if not 1 <= num_layers <= 4:
             raise ValueError(f"num_layers must be 1-4, got {num_layers}")
         self.vocab_size, self.feature_dim, self.hidden_dim = vocab_size, feature_dim, hidden_dim
         self.cell_type, self.num_layers, self.attention_type = cell, num_layers, attention
-        self.deep_output = deep_output
+        self.deep_output, self.image_input = deep_output, image_input
+        attends = attention != "none"
 
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
-        self.attention = ATTENTION[attention](feature_dim, hidden_dim, attn_dim)
+        self.attention = ATTENTION[attention](feature_dim, hidden_dim, attn_dim) if attends else None
         # The paper's gating scalar: beta_t = sigmoid(f_beta(h_{t-1})) scales the context.
-        self.f_beta = nn.Linear(hidden_dim, 1) if beta_gate else None
+        self.f_beta = nn.Linear(hidden_dim, 1) if beta_gate and attends else None
         cls = CELLS[cell]
-        self.cells = nn.ModuleList(
-            [cls(embed_dim + feature_dim if i == 0 else hidden_dim, hidden_dim) for i in range(num_layers)]
-        )
-        # Initial state: MLPs of the mean annotation vector, one output per layer (and per c for LSTM).
+        first_in = embed_dim + (feature_dim if attends else 0)
+        self.cells = nn.ModuleList([cls(first_in if i == 0 else hidden_dim, hidden_dim) for i in range(num_layers)])
         n_init = num_layers * (2 if cell == "lstm" else 1)
-        self.init_mlp = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, n_init * hidden_dim))
+        if image_input == "init":
+            # Initial state: MLPs of the mean annotation vector, one output per layer (and per c for LSTM).
+            self.init_mlp = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, n_init * hidden_dim))
+        else:
+            self.image_proj = nn.Linear(feature_dim, embed_dim)  # the image as the input at step -1
         self.dropout = nn.Dropout(dropout)
         if deep_output:
             # p(y_t) ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)), eq. (7) of the paper.
             self.out_h = nn.Linear(hidden_dim, embed_dim)
-            self.out_z = nn.Linear(feature_dim, embed_dim)
+            self.out_z = nn.Linear(feature_dim, embed_dim) if attends else None
             self.out = nn.Linear(embed_dim, vocab_size)
         else:
             self.out = nn.Linear(hidden_dim, vocab_size)
@@ -112,11 +124,17 @@ class AttentionDecoder(nn.Module):
     # ----------------------------------------------------------------------------------------------
     def init_memory(self, features: Tensor) -> Memory:
         """Per-image tensors reused at every step: the features and their attention projection."""
+        if self.attention is None:
+            return Memory(features, features.new_zeros(features.size(0), 0))  # nothing to project
         return Memory(features, self.attention.project(features))  # (B, L, D), (B, L, A)
 
     def init_state(self, memory: Memory) -> State:
-        """h_0 (and c_0) from MLPs of the mean annotation vector."""
+        """h_0 (and c_0) from MLPs of the mean annotation vector (or, Show-and-Tell style, by reading the image)."""
         B = memory.features.size(0)
+        if self.image_input == "first":
+            x = self.image_proj(memory.features.mean(dim=1))  # (B, E)
+            zeros = x.new_zeros(self.num_layers, B, self.hidden_dim)  # (layers, B, H)
+            return self._run_cells(x, State(zeros, zeros if self.cell_type == "lstm" else zeros.new_zeros(0)))
         init = self.init_mlp(memory.features.mean(dim=1))  # (B, n_init * H)
         init = init.view(B, -1, self.hidden_dim).transpose(0, 1).contiguous()  # (n_init, B, H)
         if self.cell_type == "lstm":
@@ -129,6 +147,15 @@ class AttentionDecoder(nn.Module):
         ``attend`` selects the hard-attention context (``sample``/``argmax``/``expected``); soft
         attention ignores it.
         """
+        emb = self.embed(prev_word)  # (B, E)
+        if self.attention is None:  # Show and Tell: the image only enters through the initial state
+            B, L = memory.features.shape[:2]
+            new_state = self._run_cells(emb, state)
+            h = new_state.h[-1]
+            out = torch.tanh(emb + self.out_h(self.dropout(h))) if self.deep_output else h
+            logits = self.out(self.dropout(out))  # (B, V)
+            uniform = memory.features.new_full((B, L), 1.0 / L)  # (B, L)
+            return StepOutput(F.log_softmax(logits, dim=-1), uniform, new_state)
         h_top = state.h[-1]  # (B, H) h_{t-1} of the top layer drives the attention
         att: AttentionOutput = self.attention(memory.features, memory.projected, h_top, mode=attend or "sample")
         z = att.context  # (B, D)
@@ -136,8 +163,20 @@ class AttentionDecoder(nn.Module):
         if self.f_beta is not None:
             beta = torch.sigmoid(self.f_beta(h_top))  # (B, 1)
             z = beta * z
-        emb = self.embed(prev_word)  # (B, E)
         x = torch.cat([emb, z], dim=-1)  # (B, E + D)
+        new_state = self._run_cells(x, state)
+        h = new_state.h[-1]
+        if self.deep_output:
+            out = torch.tanh(emb + self.out_h(self.dropout(h)) + self.out_z(z))  # (B, E)
+            logits = self.out(self.dropout(out))  # (B, V)
+        else:
+            logits = self.out(self.dropout(h))  # (B, V)
+        return StepOutput(
+            F.log_softmax(logits, dim=-1), att.alpha, new_state, att.location, att.log_prob, att.entropy, beta
+        )
+
+    def _run_cells(self, x: Tensor, state: State) -> State:
+        """One step of the stacked cells on input x (B, in); dropout between layers."""
         hs, cs = [], []
         for i, cell in enumerate(self.cells):
             if self.cell_type == "lstm":
@@ -147,15 +186,7 @@ class AttentionDecoder(nn.Module):
                 h = cell(x, state.h[i])
             hs.append(h)
             x = self.dropout(h) if i + 1 < self.num_layers else h
-        new_state = State(torch.stack(hs), torch.stack(cs) if cs else state.c)
-        if self.deep_output:
-            out = torch.tanh(emb + self.out_h(self.dropout(h)) + self.out_z(z))  # (B, E)
-            logits = self.out(self.dropout(out))  # (B, V)
-        else:
-            logits = self.out(self.dropout(h))  # (B, V)
-        return StepOutput(
-            F.log_softmax(logits, dim=-1), att.alpha, new_state, att.location, att.log_prob, att.entropy, beta
-        )
+        return State(torch.stack(hs), torch.stack(cs) if cs else state.c)
 
     def forward(self, features: Tensor, captions: Tensor, lengths: Tensor | None = None, attend: str | None = None) -> DecoderOutput:
         """Teacher forcing: captions (B, T) starting with <start>; predicts positions 1..T-1.

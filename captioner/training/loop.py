@@ -114,7 +114,7 @@ def score(records: Sequence[ImageRecord], captions: Sequence[Caption]) -> dict[s
 def attention_localisation(model: Captioner, records: Sequence[ImageRecord], store: ImageStore, vocab: Vocabulary,
                            batch_size: int, device: torch.device, max_len: int = 30) -> dict[str, float] | None:
     """Localisation of the attention peak under teacher forcing (records need shapes-world boxes)."""
-    if not records or "objects" not in records[0].extra:
+    if not records or "objects" not in records[0].extra or model.decoder.attention is None:
         return None
     model.eval()
     attend = "argmax" if model.decoder.attention_type == "hard" else None
