@@ -39,8 +39,10 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from captioner.data.sources import DatasetError
     from captioner.models.encoder import WeightsUnavailableError
     from captioner.training.checkpoint import CheckpointError
+    from captioner.training.loop import TrainingInterrupted
 
-    return (DatasetError, CheckpointError, ImageLoadError, WeightsUnavailableError, FileNotFoundError)
+    return (DatasetError, CheckpointError, ImageLoadError, WeightsUnavailableError, FileNotFoundError,
+            FloatingPointError, TrainingInterrupted)
 
 
 def _run_hydra(config_name: str, task) -> None:
@@ -87,3 +89,18 @@ def evaluate_main() -> None:
         print(json.dumps(metrics), flush=True)
 
     _run_hydra("evaluate", task)
+
+
+def char_lm_main() -> None:
+    """``python scripts/char_lm.py``: train the character model, then print perplexities and a sample as one JSON line."""
+
+    def task(cfg) -> None:
+        from captioner.analysis.char_lm import train_char_lm
+
+        results = train_char_lm(cfg)
+        print(json.dumps(results), flush=True)
+
+    from captioner.analysis.char_lm import register_char_lm_config
+
+    register_char_lm_config()  # char_lm_schema lives with the study, not in captioner.config
+    _run_hydra("char_lm", task)

@@ -139,6 +139,7 @@ class TrainConfig:
     output_dir: str = MISSING
     resume: Optional[str] = None  # a checkpoint path, or "auto" for <output_dir>/last.pt if it exists
     log_every: int = 50
+    save_every: int = 0  # also write last.pt every N optimizer steps (0: at epoch ends only)
     progress: bool = True
     localisation: bool = True  # attention localisation on the test split where boxes exist
     test: bool = True

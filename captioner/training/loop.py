@@ -25,7 +25,7 @@ from captioner.data.vocab import Vocabulary
 from captioner.decoding import Caption, decode
 from captioner.metrics.localisation import localisation_scores
 from captioner.models.captioner import Captioner, build_model
-from captioner.training.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from captioner.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
 from captioner.training.losses import caption_loss
 
 log = logging.getLogger(__name__)
@@ -194,13 +194,62 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGTERM/SIGINT after writing a checkpoint; the message says how to resume."""
+
+
+class StopFlag:
+    """Turns SIGTERM / SIGINT into a flag checked between steps, so the current step finishes cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == 2:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("received signal %d: finishing the current step, then writing a checkpoint", signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Progress:
+    """Where training is: the epoch in progress, batches done in it, and its running loss sums."""
+
+    epoch: int
+    batch: int = 0
+    totals: dict[str, float] | None = None
+    global_step: int = 0
+
+
 def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig,
-                    device: torch.device, epoch: int, deadline: float | None = None, baseline: Any = None) -> dict[str, float]:
-    """One pass of teacher forcing; returns mean loss terms. Stops early at ``deadline`` (time.time())."""
+                    device: torch.device, progress: Progress, stop: StopFlag | None = None, deadline: float | None = None,
+                    baseline: Any = None, on_step: Any = None) -> dict[str, float]:
+    """One (rest of an) epoch of teacher forcing; updates ``progress``; returns mean loss terms.
+
+    Returns early when ``stop`` is raised or at ``deadline``. ``on_step(progress)`` runs after every step.
+    A non-finite loss raises ``FloatingPointError`` before any parameter is touched.
+    """
     model.train()
-    totals: dict[str, float] = {}
-    n = 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False, mininterval=2.0)
+    totals = progress.totals if progress.totals is not None else {}
+    progress.totals = totals
+    bar = tqdm(loader, desc=f"epoch {progress.epoch}", disable=not cfg.progress, leave=False, mininterval=2.0,
+               initial=progress.batch, total=progress.batch + len(loader))
     for batch in bar:
         images = normalise_uint8(batch["images"].to(device, non_blocking=True), model.spec.mean, model.spec.std)
         captions, lengths, image_of = batch["captions"].to(device), batch["lengths"].to(device), batch["image_of"].to(device)
@@ -213,26 +262,39 @@ def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optim
             losses = caption_loss(out, captions, cfg.model.doubly_stochastic)
         loss = losses["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch}, batch {n}")
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at epoch {progress.epoch}, batch {progress.batch + 1} "
+                f"(global step {progress.global_step + 1})"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
         opt.step()
         sched.step()
-        n += 1
+        progress.batch += 1
+        progress.global_step += 1
         for k, v in losses.items():
             totals[k] = totals.get(k, 0.0) + float(v.detach())
-        if n % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{totals['loss'] / n:.3f}")
-        if deadline is not None and time.time() > deadline:
-            log.info("time budget reached during epoch %d after %d batches", epoch, n)
+        if progress.batch % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{totals['loss'] / progress.batch:.3f}")
+        if on_step is not None:
+            on_step(progress)
+        if stop is not None and stop.signal is not None:
             break
-    return {k: v / max(n, 1) for k, v in totals.items()}
+        if deadline is not None and time.time() > deadline:
+            log.info("time budget reached during epoch %d after %d batches", progress.epoch, progress.batch)
+            break
+    bar.close()
+    return {k: v / max(progress.batch, 1) for k, v in totals.items()}
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
-    """Train, validate by greedy decoding with early stopping, test the best checkpoint; returns test metrics."""
+    """Train, validate by real decoding with early stopping, test the best checkpoint; returns test metrics.
+
+    Interrupted by SIGTERM/SIGINT, it finishes the step, writes ``last.pt`` (mid-epoch position
+    included) and raises :class:`TrainingInterrupted`; ``resume=auto`` continues exactly where it stopped.
+    """
     t0 = time.time()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -262,8 +324,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     groups = CaptionGroups(data.records["train"], vocab, data.stores["train"], cfg.data.max_caption_len, cfg.data.captions_per_image)
     sampler = EpochSampler(len(groups), cfg.seed)
+    # A private generator: the loader must not draw from the global RNG, or a resumed run would diverge.
     loader = DataLoader(groups, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate_groups,
-                        num_workers=cfg.data.num_workers, drop_last=False)
+                        num_workers=cfg.data.num_workers, drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = math.ceil(len(groups) / cfg.data.batch_size)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
@@ -273,56 +336,91 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         from captioner.training.reinforce import ReinforceBaseline
 
         baseline = ReinforceBaseline(cfg.model.baseline_decay)
-    start_epoch, best, bad_epochs = 1, -math.inf, 0
+    progress, best, bad_epochs = Progress(epoch=1), -math.inf, 0
     if ckpt:
-        unwrap(model).load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        start_epoch = int(ckpt["epoch"]) + 1
+        try:
+            unwrap(model).load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{resume_path}: does not match this run's model or optimizer ({str(e).splitlines()[0][:200]})") from None
+        p = ckpt.get("progress") or {"epoch": int(ckpt["epoch"]) + 1, "batch": 0, "totals": None, "global_step": 0}
+        progress = Progress(int(p["epoch"]), int(p["batch"]), p["totals"], int(p["global_step"]))
         best, bad_epochs = float(ckpt["best"]), int(ckpt["bad_epochs"])
         set_rng_state(ckpt["rng"])
         if baseline is not None and ckpt.get("baseline") is not None:
             baseline.load_state_dict(ckpt["baseline"])
-        log.info("resumed from %s at epoch %d (best %s %.4f)", resume_path, start_epoch, cfg.val_metric, best)
+        log.info("resumed from %s at epoch %d, batch %d (best %s %.4f)", resume_path, progress.epoch, progress.batch, cfg.val_metric, best)
 
     metrics_file = out_dir / "metrics.jsonl"
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
     config_dict = to_dict(cfg)
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
-        groups.set_epoch(epoch)
-        te = time.time()
-        train_stats = train_one_epoch(model, loader, opt, sched, cfg, device, epoch, deadline, baseline)
-        record: dict[str, Any] = {"epoch": epoch, "train": train_stats, "lr": opt.param_groups[0]["lr"], "epoch_seconds": round(time.time() - te, 1)}
-        improved = False
-        if data.records["val"] and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-            caps = decode_split(model, data.stores["val"], vocab, cfg.decode, cfg.data.eval_batch_size, device)
-            val = score(data.records["val"], caps)
-            record["val"] = val
-            if cfg.val_metric not in val:
-                raise KeyError(f"val_metric {cfg.val_metric!r} is not one of {sorted(val)}")
-            if val[cfg.val_metric] > best:
-                best, bad_epochs, improved = val[cfg.val_metric], 0, True
-            else:
-                bad_epochs += 1
-        else:
-            improved = not data.records["val"]
-        state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
-                 "bad_epochs": bad_epochs, "rng": rng_state(), "metrics": record, "config": config_dict,
+
+    def save(path: Path, record: dict[str, Any] | None = None) -> None:
+        state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": progress.epoch - 1,
+                 "progress": {"epoch": progress.epoch, "batch": progress.batch, "totals": progress.totals, "global_step": progress.global_step},
+                 "best": best, "bad_epochs": bad_epochs, "rng": rng_state(), "metrics": record, "config": config_dict,
                  "baseline": baseline.state_dict() if baseline is not None else None}
-        save_checkpoint(out_dir / "last.pt", model, vocab, **state)
-        if improved:
-            save_checkpoint(out_dir / "best.pt", model, vocab, **state)
-        with metrics_file.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        val_txt = f", val {cfg.val_metric} {record['val'][cfg.val_metric]:.4f}" if "val" in record else ""
-        log.info("epoch %d: loss %.4f%s (%.0fs)", epoch, train_stats.get("loss", float("nan")), val_txt, record["epoch_seconds"])
-        if data.records["val"] and bad_epochs >= cfg.patience:
-            log.info("early stopping: no %s improvement for %d epochs", cfg.val_metric, bad_epochs)
-            break
-        if deadline is not None and time.time() > deadline:
-            log.info("stopping: max_minutes=%s reached", cfg.max_minutes)
-            break
+        save_checkpoint(path, model, vocab, **state)
+
+    def on_step(p: Progress) -> None:
+        if cfg.save_every and p.global_step % cfg.save_every == 0:
+            save(out_dir / "last.pt")
+
+    stopped_early = False
+    with StopFlag() as stop:
+        while progress.epoch <= cfg.epochs and not stopped_early:
+            epoch = progress.epoch
+            sampler.set_epoch(epoch, start=progress.batch * cfg.data.batch_size)
+            groups.set_epoch(epoch)
+            te = time.time()
+            try:
+                train_stats = train_one_epoch(model, loader, opt, sched, cfg, device, progress, stop, deadline, baseline, on_step)
+            except FloatingPointError as e:
+                last = out_dir / "last.pt"
+                kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint had been written yet"
+                raise FloatingPointError(f"{e}; training stopped, {kept} (try a lower optim.lr or optim.grad_clip)") from None
+            if stop.signal is not None and progress.batch < steps_per_epoch:
+                save(out_dir / "last.pt")
+                raise TrainingInterrupted(
+                    f"interrupted by signal {stop.signal} at epoch {epoch}, batch {progress.batch}/{steps_per_epoch}; "
+                    f"checkpoint written to {out_dir / 'last.pt'}. Resume with the same command plus "
+                    f"resume=auto hydra.run.dir={out_dir}"
+                )
+            record: dict[str, Any] = {"epoch": epoch, "train": train_stats, "lr": opt.param_groups[0]["lr"],
+                                      "epoch_seconds": round(time.time() - te, 1)}
+            improved = False
+            if data.records["val"] and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
+                caps = decode_split(model, data.stores["val"], vocab, cfg.decode, cfg.data.eval_batch_size, device)
+                val = score(data.records["val"], caps)
+                record["val"] = val
+                if cfg.val_metric not in val:
+                    raise KeyError(f"val_metric {cfg.val_metric!r} is not one of {sorted(val)}")
+                if val[cfg.val_metric] > best:
+                    best, bad_epochs, improved = val[cfg.val_metric], 0, True
+                else:
+                    bad_epochs += 1
+            else:
+                improved = not data.records["val"]
+            progress.epoch, progress.batch, progress.totals = epoch + 1, 0, None
+            save(out_dir / "last.pt", record)
+            if improved:
+                save(out_dir / "best.pt", record)
+            with metrics_file.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            val_txt = f", val {cfg.val_metric} {record['val'][cfg.val_metric]:.4f}" if "val" in record else ""
+            log.info("epoch %d: loss %.4f%s (%.0fs)", epoch, train_stats.get("loss", float("nan")), val_txt, record["epoch_seconds"])
+            if data.records["val"] and bad_epochs >= cfg.patience:
+                log.info("early stopping: no %s improvement for %d epochs", cfg.val_metric, bad_epochs)
+                stopped_early = True
+            if deadline is not None and time.time() > deadline:
+                log.info("stopping: max_minutes=%s reached", cfg.max_minutes)
+                stopped_early = True
+            if stop.signal is not None:  # the signal came on the epoch's last step: the checkpoint is complete
+                raise TrainingInterrupted(
+                    f"interrupted by signal {stop.signal} after epoch {epoch}; checkpoint written to {out_dir / 'last.pt'}. "
+                    f"Resume with the same command plus resume=auto hydra.run.dir={out_dir}"
+                )
 
     results: dict[str, float] = {}
     if cfg.test and data.records["test"]:
