@@ -70,10 +70,15 @@ def train_main() -> None:
     """``captioner-train`` / ``python scripts/train.py``: train, then print the test metrics as one JSON line."""
 
     def task(cfg) -> None:
+        from captioner.training.distributed import shutdown
         from captioner.training.loop import train
 
-        results = train(cfg)
-        print(json.dumps(results), flush=True)
+        try:
+            results = train(cfg)
+        finally:
+            shutdown()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(results), flush=True)
 
     _run_hydra("train", task)
 

@@ -105,21 +105,33 @@ def collate_images(batch: Sequence[tuple[Tensor, int]]) -> dict[str, Tensor]:
 
 
 class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch that can start part-way through (exact mid-epoch resume)."""
+    """A seeded permutation per epoch, sharded over ranks, that can start part-way through.
 
-    def __init__(self, n: int, seed: int):
+    Like ``DistributedSampler``: the permutation is padded (by repeating its head) to a multiple of
+    ``world_size`` and rank r takes every world_size-th index from r, so step s of all ranks together
+    covers the same images as step s of one process with world_size times the batch. ``start`` (per
+    rank) skips what was already trained, for exact mid-epoch resume.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = -(-n // world_size)  # ceil
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Use the permutation of ``epoch``, skipping its first ``start`` indices."""
+        """Use the permutation of ``epoch``, skipping this rank's first ``start`` indices."""
         self.epoch, self.start = epoch, start
 
     def permutation(self) -> Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.n, generator=g)
+        perm = torch.randperm(self.n, generator=g)
+        pad = self.per_rank * self.world_size - self.n
+        if pad:
+            perm = torch.cat([perm, perm[:pad]])
+        return perm[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.permutation()[self.start :].tolist())
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return self.per_rank - self.start

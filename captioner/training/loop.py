@@ -25,6 +25,9 @@ from captioner.data.vocab import Vocabulary
 from captioner.decoding import Caption, decode
 from captioner.metrics.localisation import localisation_scores
 from captioner.models.captioner import Captioner, build_model
+from captioner.training.distributed import (
+    DistInfo, all_reduce_sum, any_rank, average_gradients, barrier, broadcast_parameters, gather_objects, init_distributed,
+)
 from captioner.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
 from captioner.training.losses import caption_loss
 
@@ -89,8 +92,19 @@ def pick_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def decode_split(model: Captioner, store: ImageStore, vocab: Vocabulary, decode_cfg: DecodeConfig, batch_size: int,
-                 device: torch.device, progress: bool = False) -> list[Caption]:
-    """Decode every image of a store, in order."""
+                 device: torch.device, progress: bool = False, info: DistInfo | None = None) -> list[Caption]:
+    """Decode every image of a store, in order.
+
+    Distributed, each rank decodes every world_size-th image and the captions are gathered on all
+    ranks, each image exactly once.
+    """
+    if info is not None and info.enabled:
+        mine = list(range(info.rank, len(store), info.world_size))
+        caps = decode_split(model, _Subset(store, mine), vocab, decode_cfg, batch_size, device, progress and info.is_main)
+        merged: dict[int, Caption] = {}
+        for idx, part in gather_objects((mine, caps), info):
+            merged.update(zip(idx, part))
+        return [merged[i] for i in range(len(store))]
     was_training = model.training
     model.eval()
     loader = DataLoader(ImagesOnly(store), batch_size=batch_size, shuffle=False, collate_fn=collate_images)
@@ -100,6 +114,19 @@ def decode_split(model: Captioner, store: ImageStore, vocab: Vocabulary, decode_
         captions.extend(decode(model.decoder, model.encode(images), vocab, decode_cfg))
     model.train(was_training)
     return captions
+
+
+class _Subset:
+    """Some images of a store, in the given order (the store interface: len and indexing)."""
+
+    def __init__(self, store: Any, indices: Sequence[int]):
+        self.store, self.indices = store, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.store[self.indices[i]]
 
 
 def score(records: Sequence[ImageRecord], captions: Sequence[Caption]) -> dict[str, float]:
@@ -239,7 +266,7 @@ class Progress:
 
 def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig,
                     device: torch.device, progress: Progress, stop: StopFlag | None = None, deadline: float | None = None,
-                    baseline: Any = None, on_step: Any = None) -> dict[str, float]:
+                    baseline: Any = None, on_step: Any = None, info: DistInfo | None = None) -> dict[str, float]:
     """One (rest of an) epoch of teacher forcing; updates ``progress``; returns mean loss terms.
 
     Returns early when ``stop`` is raised or at ``deadline``. ``on_step(progress)`` runs after every step.
@@ -259,15 +286,21 @@ def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optim
             losses = hard_attention_loss(model, images, captions, lengths, image_of, cfg.model, baseline)
         else:
             out = model(images, captions, lengths, image_of)
-            losses = caption_loss(out, captions, cfg.model.doubly_stochastic)
+            token_total = None
+            if info is not None and info.enabled:
+                # Normalise by the global batch's tokens, times world_size because gradients are averaged.
+                tokens = all_reduce_sum(captions[:, 1:].ne(0).sum().double().cpu(), info)
+                token_total = float(tokens) / info.world_size
+            losses = caption_loss(out, captions, cfg.model.doubly_stochastic, token_total=token_total)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
+        if any_rank(not bool(torch.isfinite(loss)), info or DistInfo()):
             raise FloatingPointError(
                 f"non-finite loss ({loss.item()}) at epoch {progress.epoch}, batch {progress.batch + 1} "
                 f"(global step {progress.global_step + 1})"
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model, info or DistInfo())
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
         opt.step()
@@ -280,7 +313,8 @@ def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optim
             bar.set_postfix(loss=f"{totals['loss'] / progress.batch:.3f}")
         if on_step is not None:
             on_step(progress)
-        if stop is not None and stop.signal is not None:
+        if stop is not None and any_rank(stop.signal is not None, info or DistInfo()):
+            stop.signal = stop.signal or 15  # every rank stops at the same step
             break
         if deadline is not None and time.time() > deadline:
             log.info("time budget reached during epoch %d after %d batches", progress.epoch, progress.batch)
@@ -296,11 +330,20 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     included) and raises :class:`TrainingInterrupted`; ``resume=auto`` continues exactly where it stopped.
     """
     t0 = time.time()
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    info = init_distributed(cfg.device)
+    # Under torchrun every rank composes its own Hydra run dir (timestamps can differ): use rank 0's.
+    out_dir = Path(gather_objects(cfg.output_dir, info)[0])
+    main = info.is_main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        logging.getLogger("captioner").setLevel(logging.WARNING)  # rank 0 logs for everyone
+        cfg.progress = False
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -315,7 +358,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     vocab = data.vocab
     log.info("data: %s, %d/%d/%d images, vocabulary %d words", cfg.data.name,
              *(len(data.records[s]) for s in ("train", "val", "test")), len(vocab))
-    vocab.save(out_dir / "vocab.json")
+    if main:
+        vocab.save(out_dir / "vocab.json")
 
     model = build_model(cfg.encoder, cfg.model, len(vocab), cfg.data.image_size).to(device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -323,11 +367,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
              cfg.encoder.name, "frozen" if cfg.encoder.freeze else "trained", cfg.model.cell, cfg.model.attention, n_params)
 
     groups = CaptionGroups(data.records["train"], vocab, data.stores["train"], cfg.data.max_caption_len, cfg.data.captions_per_image)
-    sampler = EpochSampler(len(groups), cfg.seed)
+    sampler = EpochSampler(len(groups), cfg.seed, info.rank, info.world_size)
     # A private generator: the loader must not draw from the global RNG, or a resumed run would diverge.
     loader = DataLoader(groups, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate_groups,
                         num_workers=cfg.data.num_workers, drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
-    steps_per_epoch = math.ceil(len(groups) / cfg.data.batch_size)
+    steps_per_epoch = math.ceil(sampler.per_rank / cfg.data.batch_size)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
 
@@ -356,7 +400,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
     config_dict = to_dict(cfg)
 
+    broadcast_parameters(model, info)
+
     def save(path: Path, record: dict[str, Any] | None = None) -> None:
+        if not main:
+            return
         state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": progress.epoch - 1,
                  "progress": {"epoch": progress.epoch, "batch": progress.batch, "totals": progress.totals, "global_step": progress.global_step},
                  "best": best, "bad_epochs": bad_epochs, "rng": rng_state(), "metrics": record, "config": config_dict,
@@ -375,7 +423,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             groups.set_epoch(epoch)
             te = time.time()
             try:
-                train_stats = train_one_epoch(model, loader, opt, sched, cfg, device, progress, stop, deadline, baseline, on_step)
+                train_stats = train_one_epoch(model, loader, opt, sched, cfg, device, progress, stop, deadline, baseline, on_step, info)
             except FloatingPointError as e:
                 last = out_dir / "last.pt"
                 kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint had been written yet"
@@ -391,7 +439,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                                       "epoch_seconds": round(time.time() - te, 1)}
             improved = False
             if data.records["val"] and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-                caps = decode_split(model, data.stores["val"], vocab, cfg.decode, cfg.data.eval_batch_size, device)
+                caps = decode_split(model, data.stores["val"], vocab, cfg.decode, cfg.data.eval_batch_size, device, info=info)
                 val = score(data.records["val"], caps)
                 record["val"] = val
                 if cfg.val_metric not in val:
@@ -406,8 +454,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             save(out_dir / "last.pt", record)
             if improved:
                 save(out_dir / "best.pt", record)
-            with metrics_file.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            if main:
+                with metrics_file.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
             val_txt = f", val {cfg.val_metric} {record['val'][cfg.val_metric]:.4f}" if "val" in record else ""
             log.info("epoch %d: loss %.4f%s (%.0fs)", epoch, train_stats.get("loss", float("nan")), val_txt, record["epoch_seconds"])
             if data.records["val"] and bad_epochs >= cfg.patience:
@@ -424,18 +473,20 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     results: dict[str, float] = {}
     if cfg.test and data.records["test"]:
+        barrier(info)  # rank 0 has finished writing best.pt
         best_path = out_dir / "best.pt" if (out_dir / "best.pt").is_file() else out_dir / "last.pt"
         unwrap(model).load_state_dict(load_checkpoint(best_path)["model"])
-        caps = decode_split(model, data.stores["test"], vocab, cfg.decode, cfg.data.eval_batch_size, device)
+        caps = decode_split(model, data.stores["test"], vocab, cfg.decode, cfg.data.eval_batch_size, device, info=info)
         results = score(data.records["test"], caps)
-        if cfg.localisation:
+        if cfg.localisation and main:
             loc = attention_localisation(model, data.records["test"], data.stores["test"], vocab, cfg.data.eval_batch_size,
                                          device, cfg.data.max_caption_len)
             if loc:
                 results.update(loc)
         results["train_minutes"] = round((time.time() - t0) / 60, 2)
-        coco = [{"image_id": r.image_id, "caption": c.text} for r, c in zip(data.records["test"], caps)]
-        (out_dir / "test_captions.json").write_text(json.dumps(coco, indent=1))
-        (out_dir / "test_metrics.json").write_text(json.dumps(results, indent=1))
+        if main:
+            coco = [{"image_id": r.image_id, "caption": c.text} for r, c in zip(data.records["test"], caps)]
+            (out_dir / "test_captions.json").write_text(json.dumps(coco, indent=1))
+            (out_dir / "test_metrics.json").write_text(json.dumps(results, indent=1))
         log.info("test: %s", ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return results

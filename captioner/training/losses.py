@@ -25,10 +25,16 @@ def doubly_stochastic(alphas: Tensor, targets: Tensor, pad_id: int = 0) -> Tenso
     return ((1.0 - coverage) ** 2).mean()
 
 
-def caption_loss(out: DecoderOutput, captions: Tensor, lambda_ds: float = 1.0, pad_id: int = 0) -> dict[str, Tensor]:
-    """Teacher-forced loss for captions (B, T): per-token NLL + lambda * doubly stochastic penalty."""
+def caption_loss(out: DecoderOutput, captions: Tensor, lambda_ds: float = 1.0, pad_id: int = 0,
+                 token_total: Tensor | float | None = None) -> dict[str, Tensor]:
+    """Teacher-forced loss for captions (B, T): per-token NLL + lambda * doubly stochastic penalty.
+
+    ``token_total`` replaces the local token count as the NLL's denominator (data-parallel training
+    divides by the tokens of the whole global batch, so the gradient equals one big batch's).
+    """
     targets = captions[:, 1:]  # (B, T-1)
     nll_sum, n_tok = masked_nll(out.log_probs, targets, pad_id)
-    nll = nll_sum.sum() / n_tok.sum().clamp(min=1)
+    denominator = n_tok.sum().clamp(min=1) if token_total is None else token_total
+    nll = nll_sum.sum() / denominator
     ds = doubly_stochastic(out.alphas, targets, pad_id) if lambda_ds else nll.new_zeros(())
     return {"loss": nll + lambda_ds * ds, "nll": nll, "doubly_stochastic": ds}
