@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,11 +25,23 @@ class ImageLoadError(ValueError):
         self.path, self.reason = Path(path), reason
 
 
+def _one_line(text: str, limit: int = 200) -> str:
+    """Collapse a message onto one line, cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB: alpha is composited on white, 16-bit is scaled, CMYK converted."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        top = float(a.max()) if a.size else 0.0
+        if img.mode.startswith("I;16") or top > 255:
+            hi = 65535.0  # 16-bit data (PNG/TIFF greyscale): full range, not whatever the brightest pixel is
+        elif img.mode == "F" and top <= 1.0:
+            hi = 1.0  # float images in [0, 1]
+        else:
+            hi = 255.0
         a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
     if img.mode == "P":
@@ -42,11 +55,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag; a malformed EXIF block leaves the pixels as stored rather than failing."""
+    try:
+        return ImageOps.exif_transpose(img) or img
+    except Exception:  # noqa: BLE001 - broken EXIF (bad offsets, bad types) is metadata, not pixels
+        return img
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file as upright 8-bit RGB.
 
     EXIF orientation is honoured; for animated images (GIF, APNG, WebP) the first frame is used.
-    Raises :class:`ImageLoadError` for missing, unreadable, truncated, non-image or oversized files.
+    Raises :class:`ImageLoadError` (one-line reason) for missing, unreadable, empty, truncated,
+    non-image or oversized files (more than ``MAX_PIXELS`` pixels, checked from the header before decoding).
     """
     path = Path(path)
     if not path.exists():
@@ -54,6 +76,8 @@ def load_image(path: str | Path) -> Image.Image:
     if path.is_dir():
         raise ImageLoadError(path, "is a directory, not an image")
     try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError(path, "empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
@@ -63,18 +87,21 @@ def load_image(path: str | Path) -> Image.Image:
                 if getattr(img, "is_animated", False):
                     img.seek(0)  # first frame
                 img.load()
-                img = ImageOps.exif_transpose(img) or img
-                return _to_rgb(img)
+                return _to_rgb(_upright(img))
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image file (or a format Pillow cannot read)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(path, f"refused as a possible decompression bomb ({e})") from None
+        raise ImageLoadError(path, _one_line(f"refused as a possible decompression bomb ({e})")) from None
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied") from None
+    except MemoryError:
+        raise ImageLoadError(path, "not enough memory to decode this image") from None
     except OSError as e:
-        raise ImageLoadError(path, f"unreadable or truncated image ({e})") from None
-    except (ValueError, SyntaxError, EOFError) as e:
-        raise ImageLoadError(path, f"corrupt image data ({e})") from None
+        raise ImageLoadError(path, _one_line(f"unreadable or truncated image ({e})")) from None
+    except (ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError) as e:
+        raise ImageLoadError(path, _one_line(f"corrupt image data ({type(e).__name__}: {e})")) from None
 
 
 def to_tensor(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
