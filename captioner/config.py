@@ -136,6 +136,8 @@ class TrainConfig:
     val_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
     threads: Optional[int] = None  # torch intra-op threads on CPU
+    amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
+    compile: bool = False  # torch.compile the decoder step (CUDA; no effect on CPU)
     output_dir: str = MISSING
     resume: Optional[str] = None  # a checkpoint path, or "auto" for <output_dir>/last.pt if it exists
     log_every: int = 50

@@ -280,12 +280,15 @@ def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optim
     for batch in bar:
         images = normalise_uint8(batch["images"].to(device, non_blocking=True), model.spec.mean, model.spec.std)
         captions, lengths, image_of = batch["captions"].to(device), batch["lengths"].to(device), batch["image_of"].to(device)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
         if model.decoder.attention_type == "hard":
             from captioner.training.reinforce import hard_attention_loss
 
-            losses = hard_attention_loss(model, images, captions, lengths, image_of, cfg.model, baseline)
+            with autocast:
+                losses = hard_attention_loss(model, images, captions, lengths, image_of, cfg.model, baseline)
         else:
-            out = model(images, captions, lengths, image_of)
+            with autocast:
+                out = model(images, captions, lengths, image_of)
             token_total = None
             if info is not None and info.enabled:
                 # Normalise by the global batch's tokens, times world_size because gradients are averaged.
@@ -401,6 +404,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     config_dict = to_dict(cfg)
 
     broadcast_parameters(model, info)
+    if cfg.compile and device.type == "cuda":
+        # The step is the hot loop and has static shapes per batch; compiling it leaves checkpoints unchanged.
+        model.decoder.step = torch.compile(model.decoder.step)  # type: ignore[method-assign]
 
     def save(path: Path, record: dict[str, Any] | None = None) -> None:
         if not main:
