@@ -280,11 +280,9 @@ def test_caption_images_streams_one_batch_ahead(ckpt, tmp_path, monkeypatch):
 
 
 def test_default_decoding_is_beam_when_available(ckpt):
-    from captioner.decoding import STRATEGIES
-
     model, vocab = cli.load_model(ckpt)
     cfg = cli.default_decode_config(model, vocab)
-    if "beam" in STRATEGIES:
+    if cli.strategy_available(model, vocab, DecodeConfig(strategy="beam")):
         assert cfg.strategy == "beam" and cfg.beam_size == 3
     else:
         assert cfg.strategy == "greedy"
@@ -374,6 +372,10 @@ def test_subprocess_missing_checkpoint_exit_status(photos, tmp_path):
 
 
 def test_decoding_options(ckpt, photos, capsys):
+    model, vocab = cli.load_model(ckpt)
+    for strategy in ("beam", "sample"):
+        if not cli.strategy_available(model, vocab, DecodeConfig(strategy=strategy)):
+            pytest.skip(f"this version of captioner.decoding has no {strategy!r} strategy")
     base = [str(photos / "img1.png"), "-c", str(ckpt), "--max-len", "4"]
     outs = {}
     for name, extra in (("greedy", ["--greedy"]), ("beam1", ["--beam", "1"]), ("beam4", ["--beam", "4"]),
@@ -413,6 +415,21 @@ def test_attention_dir_writes_one_figure_per_image(hard_ckpt, photos, tmp_path, 
     assert gif.n_frames >= 2  # the plain image, then one frame per word
     recs = json.loads((tmp_path / "r.json").read_text())["images"]
     assert [Path(r["attention_figure"]).name for r in recs] == ["img0.png", "img0_2.png"]
+
+
+def test_unavailable_strategy_exits_2(ckpt, photos, capsys, monkeypatch):
+    def greedy_only(decoder, features, vocab, cfg):
+        if cfg.strategy != "greedy":
+            raise ValueError(f"unknown decoding strategy {cfg.strategy!r}; available: greedy")
+        return real(decoder, features, vocab, cfg)
+
+    real = cli.decode
+    monkeypatch.setattr(cli, "decode", greedy_only)
+    model, vocab = cli.load_model(ckpt)
+    assert cli.default_decode_config(model, vocab).strategy == "greedy"  # the default falls back
+    assert cli.main([str(photos / "img0.png"), "-c", str(ckpt), "--max-len", "3"]) == 0
+    assert cli.main([str(photos / "img0.png"), "-c", str(ckpt), "--beam", "3"]) == 2
+    assert "not available" in capsys.readouterr().err
 
 
 def test_unwritable_json_exits_2(ckpt, photos, tmp_path, capsys):
