@@ -45,6 +45,7 @@ class DataConfig:
     eval_batch_size: int = 128
     num_workers: int = 0
     preload: bool = False  # decode every image once into RAM (small datasets)
+    features: Optional[str] = None  # a feature cache directory (scripts/prepare_data.py); needs a frozen encoder
     limit_train: Optional[int] = None  # use only the first N images of a split (tests, quick runs)
     limit_val: Optional[int] = None
     limit_test: Optional[int] = None

@@ -83,7 +83,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         model, vocab = load_captioner(cfg.checkpoint, map_location=device)
         model.to(device)
         cfg.data.image_size = model.spec.image_size
-        data = build_data(cfg.data, vocab=vocab, progress=cfg.progress)
+        data = build_data(cfg.data, vocab=vocab, progress=cfg.progress, encoder_cfg=model.spec.encoder, encoder=model.encoder)
         records = _split_records(data.records, cfg.split)
         caps = decode_split(model, data.stores[cfg.split], vocab, cfg.decode, cfg.data.eval_batch_size, device, cfg.progress)
         hyps = {r.image_id: c.text for r, c in zip(records, caps)}

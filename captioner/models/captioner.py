@@ -46,7 +46,9 @@ class Captioner(nn.Module):
         self.decoder = AttentionDecoder(vocab_size=spec.vocab_size, feature_dim=self.encoder.out_dim, **spec.decoder)
 
     def encode(self, images: Tensor) -> Tensor:
-        """Normalised images (B, 3, H, W) -> features (B, L, D)."""
+        """Normalised images (B, 3, H, W) -> features (B, L, D); cached features (B, L, D) pass through."""
+        if images.dim() == 3:
+            return images.float()
         return self.encoder(images)
 
     def forward(self, images: Tensor, captions: Tensor, lengths: Tensor | None = None, image_of: Tensor | None = None,

@@ -67,13 +67,31 @@ def load_records(cfg: DataConfig) -> dict[str, list[ImageRecord]]:
     return by_split
 
 
-def build_data(cfg: DataConfig, vocab: Vocabulary | None = None, progress: bool = False) -> DataBundle:
-    """Records, vocabulary (built from the training captions unless given) and image stores."""
+def build_data(cfg: DataConfig, vocab: Vocabulary | None = None, progress: bool = False, encoder_cfg: Any = None,
+               encoder: Any = None) -> DataBundle:
+    """Records, vocabulary (built from the training captions unless given) and image (or cached feature) stores.
+
+    With ``cfg.features`` set, the stores read a feature cache made by ``scripts/prepare_data.py`` with the
+    frozen encoder ``encoder`` (built from ``encoder_cfg``); a cache made with another encoder, weights,
+    grid or transform is refused. Without an encoder config the stores are left empty (filled later).
+    """
     records = load_records(cfg)
     if vocab is None:
         vocab = Vocabulary.build((t for r in records["train"] for t in r.tokens), min_count=cfg.min_word_count)
-    stores = {s: ImageStore(rs, cfg.image_size, preload=cfg.preload, progress=progress) for s, rs in records.items() if rs}
-    return DataBundle(records, vocab, stores)
+    data = DataBundle(records, vocab, {})
+    if not cfg.features:
+        data.stores = {s: ImageStore(rs, cfg.image_size, preload=cfg.preload, progress=progress) for s, rs in records.items() if rs}
+    elif encoder_cfg is not None:
+        data.stores = feature_stores(cfg, records, encoder_cfg, encoder)
+    return data
+
+
+def feature_stores(cfg: DataConfig, records: dict[str, list[ImageRecord]], encoder_cfg: Any, encoder: Any = None) -> dict[str, Any]:
+    """Open the feature cache ``cfg.features`` for every split, checked against the encoder that must have made it."""
+    from captioner.data.features import feature_spec, open_cache
+
+    expect = feature_spec(encoder_cfg, cfg.image_size, encoder)
+    return {s: open_cache(cfg.features, expect, [r.image_id for r in rs], data_name=cfg.name) for s, rs in records.items() if rs}
 
 
 def references(records: Sequence[ImageRecord]) -> dict[str, list[str]]:
@@ -83,6 +101,14 @@ def references(records: Sequence[ImageRecord]) -> dict[str, list[str]]:
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation
+def model_input(x: Tensor, model: Captioner, device: torch.device) -> Tensor:
+    """A loader tensor ready for ``model.encode``: uint8 images are normalised, cached features pass through."""
+    x = x.to(device, non_blocking=True)
+    if x.dim() == 3:  # (B, L, D) features from a cache
+        return x.float()
+    return normalise_uint8(x, model.spec.mean, model.spec.std)  # (B, 3, H, W)
+
+
 def pick_device(name: str) -> torch.device:
     """``auto`` means CUDA when available."""
     if name == "auto":
@@ -110,8 +136,7 @@ def decode_split(model: Captioner, store: ImageStore, vocab: Vocabulary, decode_
     loader = DataLoader(ImagesOnly(store), batch_size=batch_size, shuffle=False, collate_fn=collate_images)
     captions: list[Caption] = []
     for batch in tqdm(loader, desc="decoding", disable=not progress, leave=False):
-        images = normalise_uint8(batch["images"].to(device), model.spec.mean, model.spec.std)
-        captions.extend(decode(model.decoder, model.encode(images), vocab, decode_cfg))
+        captions.extend(decode(model.decoder, model.encode(model_input(batch["images"], model, device)), vocab, decode_cfg))
     model.train(was_training)
     return captions
 
@@ -150,8 +175,7 @@ def attention_localisation(model: Captioner, records: Sequence[ImageRecord], sto
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         images = torch.stack([store[start + i] for i in range(len(chunk))])
-        images = normalise_uint8(images.to(device), model.spec.mean, model.spec.std)
-        feats = model.encode(images)  # (B, L, D)
+        feats = model.encode(model_input(images, model, device))  # (B, L, D)
         enc = [vocab.encode(t, max_len) for r in chunk for t in r.tokens]
         image_of = torch.tensor([i for i, r in enumerate(chunk) for _ in r.tokens], device=device)
         caps, lengths = pad_captions(enc)
@@ -278,7 +302,7 @@ def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optim
     bar = tqdm(loader, desc=f"epoch {progress.epoch}", disable=not cfg.progress, leave=False, mininterval=2.0,
                initial=progress.batch, total=progress.batch + len(loader))
     for batch in bar:
-        images = normalise_uint8(batch["images"].to(device, non_blocking=True), model.spec.mean, model.spec.std)
+        images = model_input(batch["images"], model, device)  # normalised images, or cached features
         captions, lengths, image_of = batch["captions"].to(device), batch["lengths"].to(device), batch["image_of"].to(device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
         if model.decoder.attention_type == "hard":
@@ -365,6 +389,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         vocab.save(out_dir / "vocab.json")
 
     model = build_model(cfg.encoder, cfg.model, len(vocab), cfg.data.image_size).to(device)
+    if cfg.data.features:  # features come from a cache made with exactly this (frozen) encoder
+        data.stores = feature_stores(cfg.data, data.records, cfg.encoder, model.encoder)
+        log.info("reading encoder features from the cache %s", cfg.data.features)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model: %s encoder (%s), %s decoder with %s attention, %d trainable parameters",
              cfg.encoder.name, "frozen" if cfg.encoder.freeze else "trained", cfg.model.cell, cfg.model.attention, n_params)
