@@ -46,6 +46,7 @@ class DataConfig:
     num_workers: int = 0
     preload: bool = False  # decode every image once into RAM (small datasets)
     features: Optional[str] = None  # a feature cache directory (scripts/prepare_data.py); needs a frozen encoder
+    build_features: bool = True  # with data.features: build the cache first if it does not exist yet
     limit_train: Optional[int] = None  # use only the first N images of a split (tests, quick runs)
     limit_val: Optional[int] = None
     limit_test: Optional[int] = None
@@ -146,6 +147,7 @@ class TrainConfig:
     progress: bool = True
     localisation: bool = True  # attention localisation on the test split where boxes exist
     test: bool = True
+    test_beam_sizes: list[int] = field(default_factory=list)  # also test with these beam sizes ("beam5/BLEU-4", ...)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -390,6 +391,16 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     model = build_model(cfg.encoder, cfg.model, len(vocab), cfg.data.image_size).to(device)
     if cfg.data.features:  # features come from a cache made with exactly this (frozen) encoder
+        from captioner.data.features import read_manifest
+
+        if cfg.data.build_features and read_manifest(cfg.data.features) is None and main:
+            from captioner.prepare import PrepareConfig, prepare
+
+            log.info("no feature cache at %s yet: encoding the dataset once", cfg.data.features)
+            prepare(PrepareConfig(data=cfg.data, encoder=cfg.encoder, cache_dir=cfg.data.features,
+                                  num_workers=max(cfg.data.num_workers, 0), device=str(device), progress=cfg.progress,
+                                  threads=cfg.threads))
+        barrier(info)
         data.stores = feature_stores(cfg.data, data.records, cfg.encoder, model.encoder)
         log.info("reading encoder features from the cache %s", cfg.data.features)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -516,6 +527,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                                          device, cfg.data.max_caption_len)
             if loc:
                 results.update(loc)
+        for k in cfg.test_beam_sizes:
+            beam_cfg = dataclasses.replace(cfg.decode, strategy="beam", beam_size=k)
+            beam_caps = decode_split(model, data.stores["test"], vocab, beam_cfg, cfg.data.eval_batch_size, device, info=info)
+            results.update({f"beam{k}/{m}": v for m, v in score(data.records["test"], beam_caps).items()})
         results["train_minutes"] = round((time.time() - t0) / 60, 2)
         if main:
             coco = [{"image_id": r.image_id, "caption": c.text} for r, c in zip(data.records["test"], caps)]
