@@ -170,3 +170,13 @@ def test_show_tell_decodes_with_every_strategy():
 def test_show_tell_rejects_first_input_with_attention():
     with pytest.raises(ValueError, match="image_input"):
         _decoder(attention="soft", image_input="first")
+
+
+def test_image_of_projects_once_per_image_and_matches_expanded_features():
+    dec = _decoder()
+    feats, caps, lengths = _batch()
+    image_of = torch.tensor([1, 0, 1])
+    grouped = dec(feats[:2], caps, lengths, image_of=image_of)
+    expanded = dec(feats[:2].index_select(0, image_of), caps, lengths)
+    torch.testing.assert_close(grouped.log_probs, expanded.log_probs)
+    torch.testing.assert_close(grouped.alphas, expanded.alphas)

@@ -57,10 +57,8 @@ class Captioner(nn.Module):
 
         ``image_of`` (N,) says which image each caption belongs to (default: caption i <-> image i).
         """
-        features = self.encode(images)  # (B, L, D)
-        if image_of is not None:
-            features = features.index_select(0, image_of)  # (N, L, D)
-        return self.decoder(features, captions, lengths, attend=attend)
+        features = self.encode(images)  # (B, L, D), expanded to captions inside the decoder after projection
+        return self.decoder(features, captions, lengths, attend=attend, image_of=image_of)
 
 
 def build_model(encoder_cfg: Any, model_cfg: Any, vocab_size: int, image_size: int) -> Captioner:

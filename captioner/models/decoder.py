@@ -188,23 +188,28 @@ class AttentionDecoder(nn.Module):
             x = self.dropout(h) if i + 1 < self.num_layers else h
         return State(torch.stack(hs), torch.stack(cs) if cs else state.c)
 
-    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor | None = None, attend: str | None = None) -> DecoderOutput:
+    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor | None = None, attend: str | None = None,
+                image_of: Tensor | None = None) -> DecoderOutput:
         """Teacher forcing: captions (B, T) starting with <start>; predicts positions 1..T-1.
 
         With ``lengths`` (B,) (tokens including <start> and <end>), rows are processed longest first
         and a row stops being computed once its caption has ended, so padding costs nothing and cannot
-        affect any output. Outputs at padded positions are zero.
+        affect any output. Outputs at padded positions are zero. With ``image_of`` (B,), ``features``
+        holds one row per image and caption b belongs to image ``image_of[b]``: the attention projection
+        is then computed once per image, not once per caption.
         """
         B, T = captions.shape
         if lengths is None:
             lengths = captions.ne(0).sum(1)  # (B,) <pad> is id 0 and only ever trails
         lengths, order = lengths.to(captions.device).sort(descending=True)
         captions = captions.index_select(0, order)
-        memory = self.init_memory(features.index_select(0, order))
+        memory = self.init_memory(features)  # per image (or per caption when image_of is None)
+        memory = memory.index_select(order if image_of is None else image_of.index_select(0, order))  # (B, L, .) sorted
         state = self.init_state(memory)
         steps = int(lengths[0].item()) - 1
         active = [int((lengths > t + 1).sum().item()) for t in range(steps)]  # rows still predicting at step t
         L = features.size(1)
+        features = memory.features  # (B, L, D) one row per caption
         log_probs = features.new_zeros(B, T - 1, self.vocab_size)  # (B, T-1, V)
         alphas = features.new_zeros(B, T - 1, L)  # (B, T-1, L)
         hard = self.attention_type == "hard"
