@@ -1,6 +1,8 @@
-"""Greedy (argmax) decoding, batched over images."""
+"""Greedy (argmax) decoding, batched over images, and the one-word-per-step loop that sampling shares."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -9,11 +11,28 @@ from captioner.data.vocab import Vocabulary
 from captioner.decoding.caption import Caption
 from captioner.models.decoder import AttentionDecoder
 
+# Chooses the next word of every row from the model's log-probabilities (B, V): returns the words (B,)
+# and the model's own log-probability of each (B,), which is what a caption's score sums.
+Picker = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def _argmax(log_probs: Tensor) -> tuple[Tensor, Tensor]:
+    logp, word = log_probs.max(dim=-1)  # (B,), (B,)
+    return word, logp
+
 
 @torch.no_grad()
 def greedy_decode(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary, max_len: int = 30, attend: str = "expected") -> list[Caption]:
     """Argmax word at every step for features (B, L, D); stops each row at <end> or ``max_len`` words."""
+    return rollout(decoder, features, vocab, _argmax, max_len=max_len, attend=attend)
+
+
+@torch.no_grad()
+def rollout(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary, pick: Picker, max_len: int = 30, attend: str = "expected") -> list[Caption]:
+    """One word per row per step, chosen by ``pick``, until every row has emitted <end> or ``max_len`` words."""
     B = features.size(0)
+    if B == 0:
+        return []
     memory = decoder.init_memory(features)
     state = decoder.init_state(memory)
     prev = torch.full((B,), vocab.start_id, dtype=torch.long, device=features.device)  # (B,)
@@ -25,7 +44,7 @@ def greedy_decode(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary
     steps = 0
     for t in range(max_len + 1):  # max_len words plus a final <end>
         out = decoder.step(prev, state, memory, attend=attend)
-        logp, prev = out.log_probs.max(dim=-1)  # (B,), (B,)
+        prev, logp = pick(out.log_probs)  # (B,), (B,)
         words[:, t], scores[:, t], alphas[:, t] = prev, logp, out.alpha
         if out.location is not None:
             locs[:, t] = out.location
@@ -40,6 +59,7 @@ def greedy_decode(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary
 def _to_captions(words: Tensor, scores: Tensor, alphas: Tensor, locs: Tensor | None, vocab: Vocabulary, max_len: int) -> list[Caption]:
     """Cut each row at its first <end> and package it."""
     words, scores, alphas = words.cpu(), scores.cpu(), alphas.cpu()
+    locs = locs.cpu() if locs is not None else None
     out = []
     for b in range(words.size(0)):
         ids = words[b].tolist()
