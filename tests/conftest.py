@@ -9,6 +9,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # One intra-op thread: the test models are tiny, and several OpenMP threads per process thrash badly
 # when tests and their subprocesses share two cores (a 10x slowdown was measured).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
