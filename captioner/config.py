@@ -87,6 +87,7 @@ class ModelConfig:
     soft_mix: float = 0.5  # probability per minibatch of training with the expected (soft) context instead
     baseline_decay: float = 0.9  # moving-average baseline b <- decay * b + (1 - decay) * log p(y | s, a)
     hard_samples: int = 1  # location sequences drawn per caption; > 1 uses a leave-one-out baseline
+    reward_to_go: bool = False  # score s_t with the log-likelihood of words t.. only (unbiased, less variance)
 
 
 @dataclass
@@ -101,6 +102,8 @@ class OptimConfig:
     warmup_steps: int = 0
     step_size: int = 5  # epochs, for scheduler=step
     gamma: float = 0.5
+    label_smoothing: float = 0.0  # mix eps of a uniform distribution into the NLL targets (as F.cross_entropy)
+    ema: float = 0.0  # decay of an exponential moving average of the weights used for validation/test (0: off)
 
 
 @dataclass

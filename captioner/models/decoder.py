@@ -147,15 +147,27 @@ class AttentionDecoder(nn.Module):
         ``attend`` selects the hard-attention context (``sample``/``argmax``/``expected``); soft
         attention ignores it.
         """
+        pre, alpha, new_state, att, beta = self._advance(prev_word, state, memory, attend)
+        log_probs = F.log_softmax(self.out(self.dropout(pre)), dim=-1)  # (B, V)
+        if att is None:
+            return StepOutput(log_probs, alpha, new_state)
+        return StepOutput(log_probs, alpha, new_state, att.location, att.log_prob, att.entropy, beta)
+
+    def _advance(self, prev_word: Tensor, state: State, memory: Memory,
+                 attend: str | None) -> tuple[Tensor, Tensor, State, AttentionOutput | None, Tensor | None]:
+        """Everything of a step up to the vocabulary projection: (pre-logit vector (B, E or H), alpha, state, attention, beta).
+
+        Teacher forcing collects the pre-logit vectors of all steps and projects them in one matrix
+        product; ``step`` projects one step's. Both give the same numbers.
+        """
         emb = self.embed(prev_word)  # (B, E)
         if self.attention is None:  # Show and Tell: the image only enters through the initial state
             B, L = memory.features.shape[:2]
             new_state = self._run_cells(emb, state)
             h = new_state.h[-1]
-            out = torch.tanh(emb + self.out_h(self.dropout(h))) if self.deep_output else h
-            logits = self.out(self.dropout(out))  # (B, V)
+            pre = torch.tanh(emb + self.out_h(self.dropout(h))) if self.deep_output else h
             uniform = memory.features.new_full((B, L), 1.0 / L)  # (B, L)
-            return StepOutput(F.log_softmax(logits, dim=-1), uniform, new_state)
+            return pre, uniform, new_state, None, None
         h_top = state.h[-1]  # (B, H) h_{t-1} of the top layer drives the attention
         att: AttentionOutput = self.attention(memory.features, memory.projected, h_top, mode=attend or "sample")
         z = att.context  # (B, D)
@@ -166,14 +178,8 @@ class AttentionDecoder(nn.Module):
         x = torch.cat([emb, z], dim=-1)  # (B, E + D)
         new_state = self._run_cells(x, state)
         h = new_state.h[-1]
-        if self.deep_output:
-            out = torch.tanh(emb + self.out_h(self.dropout(h)) + self.out_z(z))  # (B, E)
-            logits = self.out(self.dropout(out))  # (B, V)
-        else:
-            logits = self.out(self.dropout(h))  # (B, V)
-        return StepOutput(
-            F.log_softmax(logits, dim=-1), att.alpha, new_state, att.location, att.log_prob, att.entropy, beta
-        )
+        pre = torch.tanh(emb + self.out_h(self.dropout(h)) + self.out_z(z)) if self.deep_output else h  # (B, E)
+        return pre, att.alpha, new_state, att, beta
 
     def _run_cells(self, x: Tensor, state: State) -> State:
         """One step of the stacked cells on input x (B, in); dropout between layers."""
@@ -209,28 +215,34 @@ class AttentionDecoder(nn.Module):
         steps = int(lengths[0].item()) - 1
         active = [int((lengths > t + 1).sum().item()) for t in range(steps)]  # rows still predicting at step t
         L = features.size(1)
-        features = memory.features  # (B, L, D) one row per caption
-        log_probs = features.new_zeros(B, T - 1, self.vocab_size)  # (B, T-1, V)
-        alphas = features.new_zeros(B, T - 1, L)  # (B, T-1, L)
         hard = self.attention_type == "hard"
-        lps = features.new_zeros(B, T - 1) if hard else None  # (B, T-1)
-        ents = features.new_zeros(B, T - 1) if hard else None
-        locs = torch.zeros(B, T - 1, dtype=torch.long, device=features.device) if hard else None
+        pres, alphas, lps, ents, locs = [], [], [], [], []  # per step, the rows still active
         for t in range(steps):
             b = active[t]
             if b < state.h.size(1):  # finished rows drop out; rows are sorted so they are the last ones
                 state = State(state.h[:, :b], state.c[:, :b] if state.c.numel() else state.c)
                 memory = Memory(memory.features[:b], memory.projected[:b])
-            out = self.step(captions[:b, t], state, memory, attend=attend)
-            state = out.state
-            log_probs[:b, t] = out.log_probs
-            alphas[:b, t] = out.alpha
+            pre, alpha, state, att, _ = self._advance(captions[:b, t], state, memory, attend)
+            pres.append(pre)
+            alphas.append(alpha)
             if hard:
-                lps[:b, t], ents[:b, t], locs[:b, t] = out.location_log_prob, out.entropy, out.location
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(B, device=order.device)
-        unsort = lambda x: x.index_select(0, inverse)  # noqa: E731
+                lps.append(att.log_prob)
+                ents.append(att.entropy)
+                locs.append(att.location)
+        if steps == 0:  # every caption is just <start>: nothing to predict
+            empty = features.new_zeros(B, T - 1)
+            return DecoderOutput(features.new_zeros(B, T - 1, self.vocab_size), features.new_zeros(B, T - 1, L),
+                                 empty if hard else None, empty if hard else None, empty.long() if hard else None)
+        # One vocabulary projection for every real token, then each token goes to its (caption, step) slot
+        # of the padded outputs, in the callers' caption order (no per-step copies into big tensors).
+        log_probs = F.log_softmax(self.out(self.dropout(torch.cat(pres))), dim=-1)  # (N, V), N real tokens
+        slot = torch.cat([order[:b] * (T - 1) + t for t, b in enumerate(active)])  # (N,) flat (row, step) index
+
+        def padded(x: Tensor) -> Tensor:  # (N, ...) -> (B, T-1, ...), zeros at padding
+            return x.new_zeros(B * (T - 1), *x.shape[1:]).index_copy(0, slot, x).view(B, T - 1, *x.shape[1:])
+
         return DecoderOutput(
-            unsort(log_probs), unsort(alphas),
-            unsort(lps) if hard else None, unsort(ents) if hard else None, unsort(locs) if hard else None,
+            padded(log_probs), padded(torch.cat(alphas)),
+            padded(torch.cat(lps)) if hard else None, padded(torch.cat(ents)) if hard else None,
+            padded(torch.cat(locs)) if hard else None,
         )

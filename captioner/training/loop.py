@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,6 +31,7 @@ from captioner.training.distributed import (
     DistInfo, all_reduce_sum, any_rank, average_gradients, barrier, broadcast_parameters, gather_objects, init_distributed,
 )
 from captioner.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
+from captioner.training.ema import WeightAverage
 from captioner.training.losses import caption_loss
 
 log = logging.getLogger(__name__)
@@ -291,7 +293,8 @@ class Progress:
 
 def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig,
                     device: torch.device, progress: Progress, stop: StopFlag | None = None, deadline: float | None = None,
-                    baseline: Any = None, on_step: Any = None, info: DistInfo | None = None) -> dict[str, float]:
+                    baseline: Any = None, on_step: Any = None, info: DistInfo | None = None,
+                    ema: WeightAverage | None = None) -> dict[str, float]:
     """One (rest of an) epoch of teacher forcing; updates ``progress``; returns mean loss terms.
 
     Returns early when ``stop`` is raised or at ``deadline``. ``on_step(progress)`` runs after every step.
@@ -319,7 +322,8 @@ def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optim
                 # Normalise by the global batch's tokens, times world_size because gradients are averaged.
                 tokens = all_reduce_sum(captions[:, 1:].ne(0).sum().double().cpu(), info)
                 token_total = float(tokens) / info.world_size
-            losses = caption_loss(out, captions, cfg.model.doubly_stochastic, token_total=token_total)
+            losses = caption_loss(out, captions, cfg.model.doubly_stochastic, token_total=token_total,
+                                  smoothing=cfg.optim.label_smoothing)
         loss = losses["loss"]
         if any_rank(not bool(torch.isfinite(loss)), info or DistInfo()):
             raise FloatingPointError(
@@ -333,6 +337,8 @@ def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optim
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update(model)
         progress.batch += 1
         progress.global_step += 1
         for k, v in losses.items():
@@ -415,6 +421,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     steps_per_epoch = math.ceil(sampler.per_rank / cfg.data.batch_size)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
+    ema = WeightAverage(unwrap(model), cfg.optim.ema) if cfg.optim.ema else None
 
     baseline = None
     if cfg.model.attention == "hard":
@@ -435,6 +442,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         set_rng_state(ckpt["rng"])
         if baseline is not None and ckpt.get("baseline") is not None:
             baseline.load_state_dict(ckpt["baseline"])
+        if ema is not None:
+            if ckpt.get("ema") is None:
+                raise CheckpointError(f"{resume_path}: has no weight average but this run has optim.ema={cfg.optim.ema}")
+            ema.load_state_dict(ckpt["ema"])
         log.info("resumed from %s at epoch %d, batch %d (best %s %.4f)", resume_path, progress.epoch, progress.batch, cfg.val_metric, best)
 
     metrics_file = out_dir / "metrics.jsonl"
@@ -446,13 +457,18 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         # The step is the hot loop and has static shapes per batch; compiling it leaves checkpoints unchanged.
         model.decoder.step = torch.compile(model.decoder.step)  # type: ignore[method-assign]
 
-    def save(path: Path, record: dict[str, Any] | None = None) -> None:
+    def save(path: Path, record: dict[str, Any] | None = None, averaged: bool = False) -> None:
+        """Write a checkpoint; ``averaged`` stores the weight average as the model (best.pt)."""
         if not main:
             return
+        if averaged and ema is not None:
+            with ema.swapped(unwrap(model)):
+                return save(path, record)
         state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": progress.epoch - 1,
                  "progress": {"epoch": progress.epoch, "batch": progress.batch, "totals": progress.totals, "global_step": progress.global_step},
                  "best": best, "bad_epochs": bad_epochs, "rng": rng_state(), "metrics": record, "config": config_dict,
-                 "baseline": baseline.state_dict() if baseline is not None else None}
+                 "baseline": baseline.state_dict() if baseline is not None else None,
+                 "ema": ema.state_dict() if ema is not None else None}
         save_checkpoint(path, model, vocab, **state)
 
     def on_step(p: Progress) -> None:
@@ -467,7 +483,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             groups.set_epoch(epoch)
             te = time.time()
             try:
-                train_stats = train_one_epoch(model, loader, opt, sched, cfg, device, progress, stop, deadline, baseline, on_step, info)
+                train_stats = train_one_epoch(model, loader, opt, sched, cfg, device, progress, stop, deadline, baseline, on_step,
+                                              info, ema)
             except FloatingPointError as e:
                 last = out_dir / "last.pt"
                 kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint had been written yet"
@@ -483,7 +500,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                                       "epoch_seconds": round(time.time() - te, 1)}
             improved = False
             if data.records["val"] and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-                caps = decode_split(model, data.stores["val"], vocab, cfg.decode, cfg.data.eval_batch_size, device, info=info)
+                with ema.swapped(unwrap(model)) if ema is not None else contextlib.nullcontext():
+                    caps = decode_split(model, data.stores["val"], vocab, cfg.decode, cfg.data.eval_batch_size, device, info=info)
                 val = score(data.records["val"], caps)
                 record["val"] = val
                 if cfg.val_metric not in val:
@@ -497,7 +515,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             progress.epoch, progress.batch, progress.totals = epoch + 1, 0, None
             save(out_dir / "last.pt", record)
             if improved:
-                save(out_dir / "best.pt", record)
+                save(out_dir / "best.pt", record, averaged=True)
             if main:
                 with metrics_file.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")

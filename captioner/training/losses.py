@@ -7,10 +7,16 @@ from torch import Tensor
 from captioner.models.decoder import DecoderOutput
 
 
-def masked_nll(log_probs: Tensor, targets: Tensor, pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Per-caption summed NLL (B,) over real tokens only, and the token counts (B,)."""
+def masked_nll(log_probs: Tensor, targets: Tensor, pad_id: int = 0, smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Per-caption summed NLL (B,) over real tokens only, and the token counts (B,).
+
+    With ``smoothing`` = eps the target is (1 - eps) one-hot + eps uniform over the vocabulary, the
+    same rule as ``F.cross_entropy(label_smoothing=eps)``.
+    """
     mask = targets.ne(pad_id)  # (B, T-1)
     nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    if smoothing:
+        nll = (1.0 - smoothing) * nll - smoothing * log_probs.mean(-1)
     return (nll * mask).sum(1), mask.sum(1)
 
 
@@ -26,15 +32,19 @@ def doubly_stochastic(alphas: Tensor, targets: Tensor, pad_id: int = 0) -> Tenso
 
 
 def caption_loss(out: DecoderOutput, captions: Tensor, lambda_ds: float = 1.0, pad_id: int = 0,
-                 token_total: Tensor | float | None = None) -> dict[str, Tensor]:
+                 token_total: Tensor | float | None = None, smoothing: float = 0.0) -> dict[str, Tensor]:
     """Teacher-forced loss for captions (B, T): per-token NLL + lambda * doubly stochastic penalty.
 
     ``token_total`` replaces the local token count as the NLL's denominator (data-parallel training
     divides by the tokens of the whole global batch, so the gradient equals one big batch's).
+    ``smoothing`` enters "loss" only; "nll" stays the plain per-token NLL.
     """
     targets = captions[:, 1:]  # (B, T-1)
     nll_sum, n_tok = masked_nll(out.log_probs, targets, pad_id)
     denominator = n_tok.sum().clamp(min=1) if token_total is None else token_total
     nll = nll_sum.sum() / denominator
+    fit = nll
+    if smoothing:
+        fit = masked_nll(out.log_probs, targets, pad_id, smoothing)[0].sum() / denominator
     ds = doubly_stochastic(out.alphas, targets, pad_id) if lambda_ds else nll.new_zeros(())
-    return {"loss": nll + lambda_ds * ds, "nll": nll, "doubly_stochastic": ds}
+    return {"loss": fit + lambda_ds * ds, "nll": nll, "doubly_stochastic": ds}

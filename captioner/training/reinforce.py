@@ -159,9 +159,9 @@ def hard_attention_loss(model: Any, images: Tensor, captions: Tensor, lengths: T
     paper; otherwise ``cfg.hard_samples`` location sequences per caption and the negated surrogate,
     normalised per token like the soft NLL so learning rates carry over. The doubly stochastic
     penalty (weight ``cfg.doubly_stochastic``) is added in both cases; on hard batches it is a
-    regulariser on the alphas of the sampled path (path gradient only, outside eq. 12). A
-    ``reward_to_go`` attribute on ``cfg``, when present, switches to per-step rewards (see
-    :func:`caption_rewards`); the schema does not have it yet, so the paper's whole-caption reward is used.
+    regulariser on the alphas of the sampled path (path gradient only, outside eq. 12).
+    ``cfg.reward_to_go`` switches from the paper's whole-caption reward to per-step rewards (see
+    :func:`caption_rewards`).
     """
     p = float(cfg.soft_mix)
     use_soft = p >= 1.0 or (p > 0.0 and bool(torch.rand(()) < p))
