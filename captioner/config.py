@@ -85,6 +85,7 @@ class ModelConfig:
     lambda_r: float = 1.0  # weight of the score-function (REINFORCE) term
     lambda_e: float = 0.01  # weight of the entropy bonus
     soft_mix: float = 0.5  # probability per minibatch of training with the expected (soft) context instead
+    soft_epochs: int = 0  # train the first N epochs with the expected context only (soft_mix = 1), then as above
     baseline_decay: float = 0.9  # moving-average baseline b <- decay * b + (1 - decay) * log p(y | s, a)
     hard_samples: int = 1  # location sequences drawn per caption; > 1 uses a leave-one-out baseline
     reward_to_go: bool = False  # score s_t with the log-likelihood of words t.. only (unbiased, less variance)

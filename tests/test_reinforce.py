@@ -14,6 +14,7 @@ enumerated sum. The surrogate gradient is computed by the real sampling path (Ha
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import replace
@@ -425,9 +426,12 @@ def test_train_one_epoch_hard(tiny_shapes, tmp_path):
 
     out = tmp_path / "hard"
     cfg = compose_train(["experiment=shapes_hard", f"data.root={tiny_shapes}", "data.generate=false", f"output_dir={out}",
-                         "epochs=1", *TINY_MODEL])
+                         "epochs=2", "model.soft_epochs=1", "model.soft_mix=0.0", *TINY_MODEL])
     results = train(cfg)
     assert all(math.isfinite(v) for v in results.values())
     assert "BLEU-4" in results
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["baseline"]["value"] is not None
+    # soft_epochs=1: the first epoch uses the expected context only, the second samples every batch
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["train"]["hard"] for e in epochs] == [0.0, 1.0]

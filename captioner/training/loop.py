@@ -312,8 +312,11 @@ def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optim
         if model.decoder.attention_type == "hard":
             from captioner.training.reinforce import hard_attention_loss
 
+            mcfg = cfg.model
+            if progress.epoch <= mcfg.soft_epochs:  # soft warm-up: the expected context only
+                mcfg = dataclasses.replace(mcfg, soft_mix=1.0)
             with autocast:
-                losses = hard_attention_loss(model, images, captions, lengths, image_of, cfg.model, baseline)
+                losses = hard_attention_loss(model, images, captions, lengths, image_of, mcfg, baseline)
         else:
             with autocast:
                 out = model(images, captions, lengths, image_of)
