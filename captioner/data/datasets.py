@@ -45,7 +45,10 @@ class CaptionGroups(Dataset):
 
     Encoding an image once for several captions saves most of the encoder's cost when it is trained.
     Which ``k`` captions an image contributes rotates with the epoch (``set_epoch``), deterministically,
-    so every caption is used and a resumed run sees the same data as an uninterrupted one.
+    so every caption is used and a resumed run sees the same data as an uninterrupted one. The rotation
+    starts at a different caption for each image: datasets whose i-th reference always follows the same
+    template (the shapes world) would otherwise show one template pair per epoch to every image, and
+    the model would drift from template to template with the epochs.
     """
 
     def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary, images: ImageStore, max_len: int, captions_per_image: int | None = None):
@@ -63,7 +66,7 @@ class CaptionGroups(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, list[list[int]], int]:
         caps = self.captions[i]
         k = len(caps) if not self.k else min(self.k, len(caps))
-        first = (self.epoch * k) % len(caps)
+        first = (self.epoch * k + i) % len(caps)
         chosen = [caps[(first + j) % len(caps)] for j in range(k)]
         return self.images[i], chosen, i
 
