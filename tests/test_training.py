@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_real_config_composes_to_dataclasses(tiny_cfg):
     cfg = tiny_cfg()
     assert isinstance(cfg, TrainConfig)
-    assert cfg.model.attention == "soft" and cfg.encoder.name == "shapes_cnn" and cfg.decode.strategy == "greedy"
+    assert cfg.model.attention == "soft" and cfg.encoder.name == "shapes_cnn"
+    assert cfg.decode.strategy == "beam" and cfg.decode.beam_size == 3 and cfg.optim.ema == 0.99
 
 
 @pytest.mark.parametrize(
