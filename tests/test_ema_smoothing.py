@@ -21,14 +21,14 @@ def test_weight_average_follows_its_formula_and_swaps_back():
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn_like(p))
-        avg.update(net)
+        avg.update()
         d = min(0.9, (1 + step) / (10 + step))
         for n, p in net.named_parameters():
             if n in expected:
                 expected[n] = d * expected[n] + (1 - d) * p.detach()
     assert "1.bias" not in avg.state_dict()["shadow"]
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    with avg.swapped(net):
+    with avg.swapped():
         for n, p in net.named_parameters():
             torch.testing.assert_close(p, expected.get(n, before[n]), rtol=1e-6, atol=1e-6)
     for n, p in net.named_parameters():  # training weights restored bit for bit

@@ -26,34 +26,29 @@ class WeightAverage:
             raise ValueError(f"optim.ema must be in (0, 1) (0 disables it), got {decay}")
         self.decay = decay
         self.updates = 0
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        params = dict(model.named_parameters())
-        self.shadow = [params[n].detach().clone() for n in self.names]
-
-    def _params(self, model: nn.Module) -> list[torch.Tensor]:
-        params = dict(model.named_parameters())
-        return [params[n] for n in self.names]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]  # the model's own tensors: updated in place by the optimizer
+        self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self) -> None:
+        """Fold in the current weights (call after every optimizer step)."""
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self._params(model)], 1.0 - d)
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
 
     @contextmanager
-    def swapped(self, model: nn.Module) -> Iterator[None]:
+    def swapped(self) -> Iterator[None]:
         """Inside the block the model holds the averaged weights; the training weights come back after."""
-        params = self._params(model)
-        saved = [p.detach().clone() for p in params]
+        saved = [p.detach().clone() for p in self.params]
         with torch.no_grad():
-            for p, s in zip(params, self.shadow):
-                p.copy_(s)
+            torch._foreach_copy_(self.params, self.shadow)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
+                torch._foreach_copy_(self.params, saved)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "updates": self.updates, "shadow": dict(zip(self.names, self.shadow))}

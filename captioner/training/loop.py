@@ -341,7 +341,7 @@ def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optim
         opt.step()
         sched.step()
         if ema is not None:
-            ema.update(model)
+            ema.update()
         progress.batch += 1
         progress.global_step += 1
         for k, v in losses.items():
@@ -465,7 +465,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         if not main:
             return
         if averaged and ema is not None:
-            with ema.swapped(unwrap(model)):
+            with ema.swapped():
                 return save(path, record)
         state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": progress.epoch - 1,
                  "progress": {"epoch": progress.epoch, "batch": progress.batch, "totals": progress.totals, "global_step": progress.global_step},
@@ -503,7 +503,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                                       "epoch_seconds": round(time.time() - te, 1)}
             improved = False
             if data.records["val"] and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-                with ema.swapped(unwrap(model)) if ema is not None else contextlib.nullcontext():
+                with ema.swapped() if ema is not None else contextlib.nullcontext():
                     caps = decode_split(model, data.stores["val"], vocab, cfg.decode, cfg.data.eval_batch_size, device, info=info)
                 val = score(data.records["val"], caps)
                 record["val"] = val

@@ -7,16 +7,10 @@ from torch import Tensor
 from captioner.models.decoder import DecoderOutput
 
 
-def masked_nll(log_probs: Tensor, targets: Tensor, pad_id: int = 0, smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Per-caption summed NLL (B,) over real tokens only, and the token counts (B,).
-
-    With ``smoothing`` = eps the target is (1 - eps) one-hot + eps uniform over the vocabulary, the
-    same rule as ``F.cross_entropy(label_smoothing=eps)``.
-    """
+def masked_nll(log_probs: Tensor, targets: Tensor, pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Per-caption summed NLL (B,) over real tokens only, and the token counts (B,)."""
     mask = targets.ne(pad_id)  # (B, T-1)
     nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    if smoothing:
-        nll = (1.0 - smoothing) * nll - smoothing * log_probs.mean(-1)
     return (nll * mask).sum(1), mask.sum(1)
 
 
@@ -44,7 +38,9 @@ def caption_loss(out: DecoderOutput, captions: Tensor, lambda_ds: float = 1.0, p
     denominator = n_tok.sum().clamp(min=1) if token_total is None else token_total
     nll = nll_sum.sum() / denominator
     fit = nll
-    if smoothing:
-        fit = masked_nll(out.log_probs, targets, pad_id, smoothing)[0].sum() / denominator
+    if smoothing:  # target (1 - eps) one-hot + eps uniform over the vocabulary, as F.cross_entropy(label_smoothing=eps)
+        mask = targets.ne(pad_id).to(out.log_probs.dtype)  # (B, T-1)
+        uniform = -(out.log_probs.mean(-1) * mask).sum() / denominator
+        fit = (1.0 - smoothing) * nll + smoothing * uniform
     ds = doubly_stochastic(out.alphas, targets, pad_id) if lambda_ds else nll.new_zeros(())
     return {"loss": fit + lambda_ds * ds, "nll": nll, "doubly_stochastic": ds}
