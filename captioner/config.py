@@ -77,6 +77,10 @@ class ModelConfig:
     embed_dim: int = 256
     hidden_dim: int = 256
     attn_dim: int = 256
+    # Width of the attended context: null feeds the D-dim annotation vectors to the cell (the paper);
+    # C < D projects them linearly to C once per image (a rank-C factorisation of every weight that
+    # reads the context: same model family, (D - C) x (4H + E) fewer multiply-adds per word).
+    context_dim: Optional[int] = None
     dropout: float = 0.5
     beta_gate: bool = True
     deep_output: bool = True

@@ -113,7 +113,9 @@ def encode_to_cache(records: Mapping[str, Sequence[ImageRecord]], encoder: torch
     image_size = int(spec["image_size"])
     writer = CacheWriter(cache_dir, spec, {s: [r.image_id for r in rs] for s, rs in records.items()}, overwrite, info)
     try:
-        encoder = encoder.to(device).eval()
+        # channels_last: the depthwise convolutions of EfficientNet/MobileNet-style encoders run about
+        # twice as fast in this layout on CPU (oneDNN); the numbers are the same up to float rounding.
+        encoder = encoder.to(device).eval().to(memory_format=torch.channels_last)
         shape = feature_shape(encoder, image_size, device)
         for split, recs in records.items():
             if writer.is_done(split):
@@ -165,6 +167,7 @@ def _encode_batch(encoder: torch.nn.Module, images: Tensor, device: torch.device
                   cache_dir: str | Path, split: str, recs: Sequence[ImageRecord]) -> int:
     """Encode uint8 images (B, 3, S, S) into rows ``row:row+B`` of ``arr``; returns the next row."""
     x = normalise_uint8(images.to(device, non_blocking=True), encoder.mean, encoder.std)  # (B, 3, S, S)
+    x = x.contiguous(memory_format=torch.channels_last)
     exact = encoder(x).float()  # (B, L, D)
     stored = exact.half()  # (B, L, D)
     if not torch.isfinite(stored).all():

@@ -180,3 +180,31 @@ def test_image_of_projects_once_per_image_and_matches_expanded_features():
     expanded = dec(feats[:2].index_select(0, image_of), caps, lengths)
     torch.testing.assert_close(grouped.log_probs, expanded.log_probs)
     torch.testing.assert_close(grouped.alphas, expanded.alphas)
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_low_rank_context_equals_the_full_model_with_factorised_weights(attention):
+    """context_dim=C is the paper's model whose context-reading weights are W @ P (rank C)."""
+    torch.manual_seed(0)
+    small = _decoder(attention=attention, context_dim=4)  # features are 6-wide
+    full = _decoder(attention=attention)
+    P = small.context_proj.weight  # (C, D)
+    E = small.embed.weight.size(1)
+    with torch.no_grad():
+        sd = {k: v.clone() for k, v in small.state_dict().items() if not k.startswith("context_proj")}
+        sd["cells.0.weight_ih"] = torch.cat([sd["cells.0.weight_ih"][:, :E], sd["cells.0.weight_ih"][:, E:] @ P], 1)
+        sd["out_z.weight"] = sd["out_z.weight"] @ P
+        sd["init_mlp.0.weight"] = sd["init_mlp.0.weight"] @ P
+        full.load_state_dict(sd)
+    small.eval(), full.eval()
+    feats, caps, lengths = _batch()
+    a, b = small(feats, caps, lengths, attend="argmax"), full(feats, caps, lengths, attend="argmax")
+    torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.alphas, b.alphas, atol=1e-6, rtol=1e-5)
+    # ... and it trains: every parameter, the projection included, gets a gradient
+    small.train()
+    caption_loss(small(feats, caps, lengths), caps, lambda_ds=1.0)["loss"].backward()
+    for n, p in small.named_parameters():
+        assert p.grad is not None and (n == "embed.weight" or p.grad.abs().sum() > 0), n
+    with pytest.raises(ValueError, match="context_dim"):
+        _decoder(context_dim=6)  # not smaller than the features

@@ -28,7 +28,7 @@ class CaptionerSpec:
         return d
 
 
-DECODER_KEYS = ("embed_dim", "hidden_dim", "attn_dim", "cell", "num_layers", "dropout", "attention", "beta_gate", "deep_output", "image_input")
+DECODER_KEYS = ("embed_dim", "hidden_dim", "attn_dim", "cell", "num_layers", "dropout", "attention", "beta_gate", "deep_output", "image_input", "context_dim")
 ENCODER_KEYS = ("name", "weights", "grid", "freeze", "channels", "blocks", "stage")
 
 

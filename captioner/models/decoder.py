@@ -19,7 +19,7 @@ CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 class Memory(NamedTuple):
     """What is computed once per image and reused at every step."""
 
-    features: Tensor  # (B, L, D) annotation vectors
+    features: Tensor  # (B, L, C) annotation vectors the context is made of (C = D unless context_dim is set)
     projected: Tensor  # (B, L, A) attention projection of the features
 
     def index_select(self, index: Tensor) -> "Memory":
@@ -84,6 +84,7 @@ class AttentionDecoder(nn.Module):
         beta_gate: bool = True,
         deep_output: bool = True,
         image_input: str = "init",
+        context_dim: int | None = None,
     ):
         super().__init__()
         if cell not in CELLS:
@@ -92,41 +93,49 @@ class AttentionDecoder(nn.Module):
             raise ValueError(f"unknown attention {attention!r}; expected one of {sorted(ATTENTION) + ['none']}")
         if image_input not in ("init", "first") or (image_input == "first" and attention != "none"):
             raise ValueError(f"image_input must be 'init', or 'first' with attention='none'; got {image_input!r}")
+        if context_dim is not None and (attention == "none" or not 0 < context_dim < feature_dim):
+            raise ValueError(f"context_dim must be between 1 and the feature width {feature_dim} (exclusive), "
+                             f"and needs attention; got {context_dim} with attention={attention!r}")
         if not 1 <= num_layers <= 4:
             raise ValueError(f"num_layers must be 1-4, got {num_layers}")
         self.vocab_size, self.feature_dim, self.hidden_dim = vocab_size, feature_dim, hidden_dim
         self.cell_type, self.num_layers, self.attention_type = cell, num_layers, attention
         self.deep_output, self.image_input = deep_output, image_input
         attends = attention != "none"
+        # Optional low-rank context: annotation vectors projected once per image to context_dim; the
+        # attention scores still read the full features.
+        self.context_proj = nn.Linear(feature_dim, context_dim, bias=False) if context_dim is not None else None
+        ctx_dim = context_dim or feature_dim
 
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         self.attention = ATTENTION[attention](feature_dim, hidden_dim, attn_dim) if attends else None
         # The paper's gating scalar: beta_t = sigmoid(f_beta(h_{t-1})) scales the context.
         self.f_beta = nn.Linear(hidden_dim, 1) if beta_gate and attends else None
         cls = CELLS[cell]
-        first_in = embed_dim + (feature_dim if attends else 0)
+        first_in = embed_dim + (ctx_dim if attends else 0)
         self.cells = nn.ModuleList([cls(first_in if i == 0 else hidden_dim, hidden_dim) for i in range(num_layers)])
         n_init = num_layers * (2 if cell == "lstm" else 1)
         if image_input == "init":
             # Initial state: MLPs of the mean annotation vector, one output per layer (and per c for LSTM).
-            self.init_mlp = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, n_init * hidden_dim))
+            self.init_mlp = nn.Sequential(nn.Linear(ctx_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, n_init * hidden_dim))
         else:
             self.image_proj = nn.Linear(feature_dim, embed_dim)  # the image as the input at step -1
         self.dropout = nn.Dropout(dropout)
         if deep_output:
             # p(y_t) ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)), eq. (7) of the paper.
             self.out_h = nn.Linear(hidden_dim, embed_dim)
-            self.out_z = nn.Linear(feature_dim, embed_dim) if attends else None
+            self.out_z = nn.Linear(ctx_dim, embed_dim) if attends else None
             self.out = nn.Linear(embed_dim, vocab_size)
         else:
             self.out = nn.Linear(hidden_dim, vocab_size)
 
     # ----------------------------------------------------------------------------------------------
     def init_memory(self, features: Tensor) -> Memory:
-        """Per-image tensors reused at every step: the features and their attention projection."""
+        """Per-image tensors reused at every step: the features (projected to context_dim if set) and their attention projection."""
         if self.attention is None:
             return Memory(features, features.new_zeros(features.size(0), 0))  # nothing to project
-        return Memory(features, self.attention.project(features))  # (B, L, D), (B, L, A)
+        values = self.context_proj(features) if self.context_proj is not None else features  # (B, L, C)
+        return Memory(values, self.attention.project(features))  # (B, L, C), (B, L, A)
 
     def init_state(self, memory: Memory) -> State:
         """h_0 (and c_0) from MLPs of the mean annotation vector (or, Show-and-Tell style, by reading the image)."""
