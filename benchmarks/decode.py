@@ -164,7 +164,8 @@ def bare_steps(decoder: Any, features: Any, k: int, steps: int) -> float:
     with torch.no_grad():
         memory = decoder.init_memory(features)
         rows = torch.arange(features.size(0)).repeat_interleave(k)  # (B*k,)
-        memory, state = memory.index_select(rows), decoder.init_state(memory).index_select(rows)
+        # k rows per image read one memory entry, as beam search's K hypotheses do
+        memory, state = memory.rows_per_entry(k), decoder.init_state(memory).index_select(rows)
         prev = torch.full((rows.numel(),), 1)  # <start>
         start = time.perf_counter()
         for _ in range(steps):

@@ -35,13 +35,14 @@ def config_dir() -> str:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from captioner.config import ConfigError
     from captioner.data.images import ImageLoadError
     from captioner.data.sources import DatasetError
     from captioner.models.encoder import WeightsUnavailableError
     from captioner.training.checkpoint import CheckpointError
     from captioner.training.loop import TrainingInterrupted
 
-    return (DatasetError, CheckpointError, ImageLoadError, WeightsUnavailableError, FileNotFoundError,
+    return (ConfigError, DatasetError, CheckpointError, ImageLoadError, WeightsUnavailableError, FileNotFoundError,
             FloatingPointError, TrainingInterrupted)
 
 

@@ -13,6 +13,10 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 
+class ConfigError(ValueError):
+    """An option's value cannot work (a split the data does not have, options that exclude each other)."""
+
+
 @dataclass
 class ShapesConfig:
     """Size and seed of the generated shapes world (used when ``data.name == shapes``)."""

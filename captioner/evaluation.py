@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from captioner.config import EvaluateConfig
+from captioner.config import ConfigError, EvaluateConfig
 from captioner.data.sources import DatasetError, ImageRecord
 from captioner.training.checkpoint import load_captioner
 from captioner.training.loop import attention_localisation, build_data, decode_split, load_records, pick_device
@@ -49,9 +49,10 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _split_records(records: dict[str, list[ImageRecord]], split: str) -> list[ImageRecord]:
+def _split_records(records: dict[str, list[ImageRecord]], split: str, data: str) -> list[ImageRecord]:
     if split not in records or not records[split]:
-        raise ValueError(f"split {split!r} has no images (have: {', '.join(s for s, r in records.items() if r)})")
+        have = ", ".join(s for s, r in records.items() if r)
+        raise ConfigError(f"split={split}: data={data} has no images in that split (it has: {have})")
     return records[split]
 
 
@@ -60,14 +61,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     from captioner.metrics import evaluate as coco_metrics
 
     if (cfg.checkpoint is None) == (cfg.results is None):
-        raise ValueError("give exactly one of checkpoint=PATH (decode and score) or results=PATH (score a results file)")
+        raise ConfigError("give exactly one of checkpoint=PATH (decode and score) or results=PATH (score a results file)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any]
     if cfg.results is not None:
-        records = _split_records(load_records(cfg.data), cfg.split)
+        records = _split_records(load_records(cfg.data), cfg.split, cfg.data.name)
         refs = {r.image_id: r.captions for r in records}
         hyps = read_results(cfg.results)
         unknown = sorted(set(hyps) - set(refs))
@@ -84,7 +85,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         model.to(device)
         cfg.data.image_size = model.spec.image_size
         data = build_data(cfg.data, vocab=vocab, progress=cfg.progress, encoder_cfg=model.spec.encoder, encoder=model.encoder)
-        records = _split_records(data.records, cfg.split)
+        records = _split_records(data.records, cfg.split, cfg.data.name)
         caps = decode_split(model, data.stores[cfg.split], vocab, cfg.decode, cfg.data.eval_batch_size, device, cfg.progress)
         hyps = {r.image_id: c.text for r, c in zip(records, caps)}
         metrics = coco_metrics({r.image_id: r.captions for r in records}, hyps, meteor=cfg.meteor)

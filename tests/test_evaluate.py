@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_train
-from captioner.config import DecodeConfig, EncoderConfig, ModelConfig, register_configs
+from captioner.config import ConfigError, DecodeConfig, EncoderConfig, ModelConfig, register_configs
 from captioner.data.sources import DatasetError
 from captioner.evaluation import evaluate
 from captioner.training.loop import build_data
@@ -63,6 +63,10 @@ def test_score_a_results_file(tiny_shapes, tmp_path):
     cfg.results = str(tmp_path / "bad.json")
     with pytest.raises(DatasetError, match="bad.json: 1 image_id"):
         evaluate(cfg)
+    cfg.split = "dev"  # Flickr8k's name for it; here, as there, the split is called val
+    with pytest.raises(ConfigError, match="split=dev: data=shapes has no images in that split \\(it has: train, val, test\\)"):
+        evaluate(cfg)
+    cfg.split = "val"
     (tmp_path / "worse.json").write_text("{]")
     cfg.results = str(tmp_path / "worse.json")
     with pytest.raises(DatasetError, match="not valid JSON"):

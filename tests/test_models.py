@@ -208,3 +208,52 @@ def test_low_rank_context_equals_the_full_model_with_factorised_weights(attentio
         assert p.grad is not None and (n == "embed.weight" or p.grad.abs().sum() > 0), n
     with pytest.raises(ValueError, match="context_dim"):
         _decoder(context_dim=6)  # not smaller than the features
+
+
+def test_attention_scores_are_the_papers_tanh_form_in_every_code_path(monkeypatch):
+    """w^T tanh(W_a a + b + W_h h), whether computed with autograd, in cache-sized chunks, or grouped."""
+    from captioner.models.attention import AdditiveScorer
+
+    torch.manual_seed(0)
+    scorer = AdditiveScorer(6, 10, 7)
+    feats, hidden = torch.randn(4, 5, 6), torch.randn(12, 10)  # 4 images, 3 rows each
+    expanded = feats.repeat_interleave(3, dim=0)  # (12, 5, 6)
+    reference = (torch.tanh(scorer.feature_proj(expanded) + scorer.hidden_proj(hidden).unsqueeze(1)) @ scorer.score.weight.T).squeeze(-1)
+    grouped = scorer(scorer.project(feats), hidden)  # with autograd, unchunked
+    torch.testing.assert_close(grouped, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scorer(scorer.project(expanded), hidden), reference, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(AdditiveScorer, "CHUNK", 40)  # fewer elements than one image's rows: chunks of 1 image
+    with torch.no_grad():
+        torch.testing.assert_close(scorer(scorer.project(feats), hidden), reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scorer(scorer.project(expanded), hidden), reference, atol=1e-5, rtol=1e-5)
+    # gradients agree with the tanh form too
+    g1 = torch.autograd.grad(grouped.square().sum(), scorer.hidden_proj.weight)[0]
+    g2 = torch.autograd.grad(reference.square().sum(), scorer.hidden_proj.weight)[0]
+    torch.testing.assert_close(g1, g2, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="rows per image"):
+        scorer(scorer.project(feats), hidden[:10])
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard", "none", "context"])
+def test_rows_sharing_an_image_memory_match_copies_of_it(kind):
+    """Beam search's K rows per image read one memory entry: the same step as K copies of it."""
+    kw = {"soft": {}, "hard": {"attention": "hard"}, "none": {"attention": "none", "beta_gate": False},
+          "context": {"context_dim": 4}}[kind]
+    dec = _decoder(**kw).eval()
+    feats, caps, _ = _batch()
+    K = 4
+    mem = dec.init_memory(feats)
+    state = dec.init_state(mem)
+    rows = torch.arange(3).repeat_interleave(K)
+    state = state.index_select(rows)
+    words = torch.randint(4, 11, (3 * K,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = dec.step(words, state, mem.rows_per_entry(K), attend="argmax")
+        b = dec.step(words, state, mem.index_select(rows), attend="argmax")
+    torch.testing.assert_close(a.log_probs, b.log_probs)
+    torch.testing.assert_close(a.alpha, b.alpha)
+    torch.testing.assert_close(a.state.h, b.state.h)
+    if kind == "hard":
+        assert torch.equal(a.location, b.location)
+    with pytest.raises(ValueError, match="one row per image"):
+        dec.init_state(mem.rows_per_entry(K))

@@ -119,7 +119,7 @@ def beam_search(
             log_probs, alpha = log_probs.index_select(0, expand), alpha.index_select(0, expand)  # (B*K, V), (B*K, L)
             location = location.index_select(0, expand) if location is not None else None  # (B*K,)
             next_state = next_state.index_select(expand)  # (layers, B*K, H)
-            memory = memory.index_select(expand)  # (B*K, L, D), (B*K, L, A)
+            memory = memory.rows_per_entry(K)  # each image's K rows read its memory: no copies
         if no_repeat_ngram and t >= no_repeat_ngram:
             log_probs = _block_repeats(log_probs, history, no_repeat_ngram)
         cand = (scores.unsqueeze(-1) + log_probs.view(n, K, V)).view(n, K * V)  # (n, K*V)
@@ -166,14 +166,14 @@ def beam_search(
         n_done = int(done.sum())
         if n_done == n:
             break
-        # Dropping done images copies the survivors' memory, about one step of their rows: worth it once
+        # Dropping done images copies the survivors' memory and state: worth it once
         # the steps the done images would still take outweigh it. Until then they ride along harmlessly
         # (by the bound above nothing they find can enter their N best).
         if n_done and n_done * (max_len - t) >= n - n_done:
             alive = (~done).nonzero().squeeze(1)  # (n',)
             rows = (alive.unsqueeze(1) * K + torch.arange(K, device=dev)).view(-1)  # (n'*K,)
             img, scores = img[alive], scores[alive]  # (n',), (n', K)
-            memory, state, prev = memory.index_select(rows), state.index_select(rows), prev[rows]
+            memory, state, prev = memory.index_select(alive), state.index_select(rows), prev[rows]
             if no_repeat_ngram:
                 history = history[rows]
 
