@@ -79,3 +79,12 @@ def test_evaluate_script_missing_checkpoint_is_one_line(tmp_path):
                         f"data.root={tmp_path / 'shapes'}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "nope.pt: checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_script_unknown_split_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), f"results={tmp_path / 'r.json'}", "split=dev",
+                        f"hydra.run.dir={tmp_path}", "data.shapes.n_train=4", "data.shapes.n_val=2", "data.shapes.n_test=2",
+                        f"data.root={tmp_path / 'shapes'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "error: split=dev: data=shapes has no images in that split (it has: train, val, test)" in r.stderr
+    assert "Traceback" not in r.stderr
