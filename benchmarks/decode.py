@@ -165,7 +165,7 @@ def bare_steps(decoder: Any, features: Any, k: int, steps: int) -> float:
         memory = decoder.init_memory(features)
         rows = torch.arange(features.size(0)).repeat_interleave(k)  # (B*k,)
         # k rows per image read one memory entry, as beam search's K hypotheses do
-        memory, state = memory.rows_per_entry(k), decoder.init_state(memory).index_select(rows)
+        state = decoder.init_state(memory).index_select(rows)
         prev = torch.full((rows.numel(),), 1)  # <start>
         start = time.perf_counter()
         for _ in range(steps):

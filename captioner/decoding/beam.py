@@ -118,8 +118,7 @@ def beam_search(
         if t == 0:
             log_probs, alpha = log_probs.index_select(0, expand), alpha.index_select(0, expand)  # (B*K, V), (B*K, L)
             location = location.index_select(0, expand) if location is not None else None  # (B*K,)
-            next_state = next_state.index_select(expand)  # (layers, B*K, H)
-            memory = memory.rows_per_entry(K)  # each image's K rows read its memory: no copies
+            next_state = next_state.index_select(expand)  # (layers, B*K, H); memory stays one entry per image
         if no_repeat_ngram and t >= no_repeat_ngram:
             log_probs = _block_repeats(log_probs, history, no_repeat_ngram)
         cand = (scores.unsqueeze(-1) + log_probs.view(n, K, V)).view(n, K * V)  # (n, K*V)

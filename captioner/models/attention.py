@@ -47,9 +47,7 @@ class AdditiveScorer(nn.Module):
     def forward(self, projected: Tensor, hidden: Tensor) -> Tensor:
         """Attention logits (n*g, L) from projected features (n, L, A) and previous hidden states (n*g, H)."""
         n, L, A = projected.shape
-        g = hidden.size(0) // max(n, 1)
-        if g * n != hidden.size(0):
-            raise ValueError(f"{hidden.size(0)} hidden rows for {n} images: not a whole number of rows per image")
+        g = rows_per_image(hidden.size(0), n)
         h2 = (2.0 * self.hidden_proj(hidden)).view(n, g, 1, A)  # (n, g, 1, A)
         w2 = 2.0 * self.score.weight.view(A, 1)  # (A, 1)
         shift = self.score.weight.sum()  # w^T 1
@@ -65,10 +63,18 @@ class AdditiveScorer(nn.Module):
         return out.view(n * g, L) - shift
 
 
+def rows_per_image(rows: int, images: int) -> int:
+    """g when ``rows`` state rows read ``images`` memory entries, g consecutive rows each."""
+    g = rows // max(images, 1)
+    if g < 1 or g * images != rows:
+        raise ValueError(f"{rows} state rows for {images} images: not a whole number of rows per image")
+    return g
+
+
 def expected_context(alpha: Tensor, features: Tensor) -> Tensor:
     """sum_i alpha_i a_i for alpha (n*g, L) over features (n, L, D): g rows per image share its features."""
     n, L, D = features.shape
-    g = alpha.size(0) // n
+    g = rows_per_image(alpha.size(0), n)
     return torch.bmm(alpha.view(n, g, L), features).view(n * g, D)  # (n*g, D)
 
 
@@ -109,8 +115,7 @@ class HardAttention(SoftAttention):
                 location = torch.multinomial(alpha.detach(), 1).squeeze(1)  # (B,)
             else:
                 location = alpha.argmax(-1)
-            g = alpha.size(0) // features.size(0)  # rows per image (beam search)
-            image = torch.arange(alpha.size(0), device=features.device) // g  # (B,)
+            image = torch.arange(alpha.size(0), device=features.device) // rows_per_image(alpha.size(0), features.size(0))  # (B,)
             context = features[image, location]  # (B, D)
         else:
             raise ValueError(f"unknown hard-attention mode {mode!r}; expected sample, argmax or expected")

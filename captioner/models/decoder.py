@@ -19,22 +19,17 @@ CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 class Memory(NamedTuple):
     """What is computed once per image and reused at every step.
 
-    A step's state may hold several rows per memory entry (beam search: the K hypotheses of an image,
-    rows ``i*K .. i*K+K-1`` for entry ``i``); the attention then reads each image's tensors once for
-    all its rows instead of working on K copies. ``rows_per_entry(K)`` says so.
+    A step's state may hold g consecutive rows per memory entry (beam search: the K hypotheses of an
+    image are rows ``i*K .. i*K+K-1`` for entry ``i``); the attention then reads each image's tensors
+    once for all its rows instead of working on K copies.
     """
 
     features: Tensor  # (B, L, C) annotation vectors the context is made of (C = D unless context_dim is set)
     projected: Tensor  # (B, L, A) attention projection of the features
-    group: int = 1  # consecutive state rows per entry
 
     def index_select(self, index: Tensor) -> "Memory":
         """Entries ``index`` of every tensor (reordering, expanding or dropping images)."""
-        return Memory(self.features.index_select(0, index), self.projected.index_select(0, index), self.group)
-
-    def rows_per_entry(self, group: int) -> "Memory":
-        """The same tensors, read by ``group`` consecutive state rows each (no copy)."""
-        return self._replace(group=group)
+        return Memory(self.features.index_select(0, index), self.projected.index_select(0, index))
 
 
 class State(NamedTuple):
@@ -149,8 +144,6 @@ class AttentionDecoder(nn.Module):
 
     def init_state(self, memory: Memory) -> State:
         """h_0 (and c_0) from MLPs of the mean annotation vector (or, Show-and-Tell style, by reading the image)."""
-        if memory.group != 1:
-            raise ValueError("init_state takes one row per image; call rows_per_entry() after it")
         B = memory.features.size(0)
         if self.image_input == "first":
             x = self.image_proj(memory.features.mean(dim=1))  # (B, E)
