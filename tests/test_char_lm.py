@@ -75,11 +75,11 @@ def test_tbptt_with_whole_stream_chunk_is_full_bptt(cell):
     for chunk_len in (24, 1000):
         model.zero_grad()
         tbptt_gradients(model, streams, chunk_len)
-        for a, b in zip(grads(model), full):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        for a, b in zip(grads(model), full):  # equal up to float32 summation order, relative to the gradient's size
+            assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
     model.zero_grad()
     tbptt_gradients(model, streams, 5)  # a shorter chunk truncates: different gradients
-    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(grads(model), full))
+    assert any(float((a - b).abs().max()) > 1e-2 * float(b.abs().max()) for a, b in zip(grads(model), full))
 
 
 def test_short_chunks_carry_the_state_but_not_the_gradient():

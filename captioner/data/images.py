@@ -122,8 +122,8 @@ def uint8_tensor(img: Image.Image, size: int) -> Tensor:
 
 
 def normalise_uint8(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """uint8 images (..., 3, H, W) -> normalised float."""
-    x = x.float().div_(255.0)
+    """uint8 images (..., 3, H, W) -> normalised floats of the default dtype (float32 unless a test asks for float64)."""
+    x = x.to(torch.get_default_dtype()).div_(255.0)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return (x - m) / s

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from captioner.models.decoder import AttentionDecoder, DecoderOutput
@@ -48,7 +49,7 @@ class Captioner(nn.Module):
     def encode(self, images: Tensor) -> Tensor:
         """Normalised images (B, 3, H, W) -> features (B, L, D); cached features (B, L, D) pass through."""
         if images.dim() == 3:
-            return images.float()
+            return images.to(torch.get_default_dtype())
         return self.encoder(images)
 
     def forward(self, images: Tensor, captions: Tensor, lengths: Tensor | None = None, image_of: Tensor | None = None,

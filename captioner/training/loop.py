@@ -108,7 +108,7 @@ def model_input(x: Tensor, model: Captioner, device: torch.device) -> Tensor:
     """A loader tensor ready for ``model.encode``: uint8 images are normalised, cached features pass through."""
     x = x.to(device, non_blocking=True)
     if x.dim() == 3:  # (B, L, D) features from a cache
-        return x.float()
+        return x.to(torch.get_default_dtype())
     return normalise_uint8(x, model.spec.mean, model.spec.std)  # (B, 3, H, W)
 
 
@@ -291,6 +291,17 @@ class Progress:
     global_step: int = 0
 
 
+def make_loader(data: DataBundle, cfg: TrainConfig, info: DistInfo) -> tuple[DataLoader, EpochSampler]:
+    """The training loader (images with their captions) of this rank, and its sampler (``set_epoch`` before each epoch)."""
+    groups = CaptionGroups(data.records["train"], data.vocab, data.stores["train"], cfg.data.max_caption_len,
+                           cfg.data.captions_per_image)
+    sampler = EpochSampler(len(groups), cfg.seed, info.rank, info.world_size)
+    # A private generator: the loader must not draw from the global RNG, or a resumed run would diverge.
+    loader = DataLoader(groups, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate_groups,
+                        num_workers=cfg.data.num_workers, drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
+    return loader, sampler
+
+
 def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig,
                     device: torch.device, progress: Progress, stop: StopFlag | None = None, deadline: float | None = None,
                     baseline: Any = None, on_step: Any = None, info: DistInfo | None = None,
@@ -416,11 +427,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     log.info("model: %s encoder (%s), %s decoder with %s attention, %d trainable parameters",
              cfg.encoder.name, "frozen" if cfg.encoder.freeze else "trained", cfg.model.cell, cfg.model.attention, n_params)
 
-    groups = CaptionGroups(data.records["train"], vocab, data.stores["train"], cfg.data.max_caption_len, cfg.data.captions_per_image)
-    sampler = EpochSampler(len(groups), cfg.seed, info.rank, info.world_size)
-    # A private generator: the loader must not draw from the global RNG, or a resumed run would diverge.
-    loader = DataLoader(groups, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate_groups,
-                        num_workers=cfg.data.num_workers, drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
+    loader, sampler = make_loader(data, cfg, info)
+    groups = loader.dataset
     steps_per_epoch = math.ceil(sampler.per_rank / cfg.data.batch_size)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
