@@ -147,7 +147,6 @@ def _model_and_data(args: argparse.Namespace, store) -> tuple:
 
 def _train_rate(args: argparse.Namespace, model, loader, opt, features_of) -> dict:
     """Best-of-repeats captions/s of teacher-forced training steps; ``features_of(batch)`` gives (B, L, D)."""
-    import torch
 
     from captioner.training.losses import caption_loss
 
@@ -201,7 +200,8 @@ def ensure_cache(args: argparse.Namespace) -> tuple[str, dict, dict]:
     """A cache holding the benchmark images: ``--cache`` if it fits, else a temporary one (timed)."""
     import torch
 
-    from captioner.data.features import FeatureCacheError, feature_spec, open_cache
+    from captioner.data.features import FeatureCacheError, open_cache
+    from captioner.models.encoder import feature_spec
     from captioner.models.encoder import Encoder
     from captioner.prepare import encode_to_cache
 

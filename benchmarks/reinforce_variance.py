@@ -73,8 +73,8 @@ def main() -> None:
     from captioner.data.images import normalise_uint8
     from captioner.data.vocab import Vocabulary
     from captioner.models.captioner import Captioner, build_model, spec_from_dict
-    from captioner.training.checkpoint import load_checkpoint
-    from captioner.training.loop import build_data
+    from captioner.data.build import build_data
+    from captioner.models.checkpoint import load_checkpoint
     from captioner.training.reinforce import ReinforceBaseline, hard_attention_loss
 
     os.environ.setdefault("CAPTIONER_DATA", str(Path(__file__).resolve().parent.parent / "data_cache"))

@@ -71,7 +71,7 @@ class EncoderConfig:
 
 @dataclass
 class ModelConfig:
-    """The decoder: cell, widths, attention type and its training options."""
+    """The decoder network: cell, widths, attention type. (How it is trained is ``LossConfig``.)"""
 
     name: str = "soft"
     attention: str = "soft"  # soft | hard | none (Show and Tell)
@@ -88,8 +88,15 @@ class ModelConfig:
     dropout: float = 0.5
     beta_gate: bool = True
     deep_output: bool = True
-    doubly_stochastic: float = 1.0  # lambda of the doubly stochastic attention penalty
-    # Hard attention (REINFORCE), Xu et al. 2015 eq. (12); ignored for soft attention.
+
+
+@dataclass
+class LossConfig:
+    """The training objective: per-token NLL (label smoothing), the doubly stochastic penalty, hard attention's REINFORCE."""
+
+    label_smoothing: float = 0.0  # mix eps of a uniform distribution into the NLL targets (as F.cross_entropy)
+    doubly_stochastic: float = 1.0  # lambda of the doubly stochastic attention penalty (models with attention)
+    # Hard attention (REINFORCE), Xu et al. 2015 eq. (12); not used by soft attention or Show and Tell.
     lambda_r: float = 1.0  # weight of the score-function (REINFORCE) term
     lambda_e: float = 0.01  # weight of the entropy bonus
     soft_mix: float = 0.5  # probability per minibatch of training with the expected (soft) context instead
@@ -111,7 +118,6 @@ class OptimConfig:
     warmup_steps: int = 0
     step_size: int = 5  # epochs, for scheduler=step
     gamma: float = 0.5
-    label_smoothing: float = 0.0  # mix eps of a uniform distribution into the NLL targets (as F.cross_entropy)
     ema: float = 0.0  # decay of an exponential moving average of the weights used for validation/test (0: off)
 
 
@@ -131,6 +137,8 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int = 0
     hard_attend: str = "expected"  # hard attention at test time: expected | argmax | sample
+    allow_unk: bool = False  # false: <unk> is never emitted (every strategy); true: the model's raw choice (analysis)
+    block_bad_endings: bool = False  # no caption ends on a, the, of, and, ... (captioner.decoding.constraints.BAD_ENDINGS)
 
 
 @dataclass
@@ -142,6 +150,7 @@ class TrainConfig:
     model: ModelConfig = MISSING
     optim: OptimConfig = MISSING
     decode: DecodeConfig = MISSING
+    loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
     epochs: int = 10
     max_minutes: Optional[float] = None  # stop training after this wall time (then test on the best checkpoint)

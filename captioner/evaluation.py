@@ -1,22 +1,149 @@
-"""The evaluation job: decode a checkpoint on a split (or read a results file) and score it with COCO metrics."""
+"""Evaluation: decode a split, score it with COCO metrics, optionally measure attention localisation.
+
+One function, :func:`evaluate`, serves validation during training, testing at each beam width and
+the ``evaluate`` job (:func:`evaluate_job`, which also scores results files), torchvision-references
+style: it takes a model and a split and returns metrics.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from captioner.config import ConfigError, EvaluateConfig
+from captioner.config import ConfigError, DecodeConfig, EvaluateConfig
+from captioner.data.build import SplitData, build_data, load_records, references
+from captioner.data.datasets import ImagesOnly, collate_images, pad_captions
 from captioner.data.sources import DatasetError, ImageRecord
-from captioner.training.checkpoint import load_captioner
-from captioner.training.loop import attention_localisation, build_data, decode_split, load_records, pick_device
+from captioner.data.vocab import Vocabulary
+from captioner.decoding import Caption, decode
+from captioner.distributed import DistInfo, gather_objects
+from captioner.metrics.localisation import localisation_scores
+from captioner.models.captioner import Captioner
+from captioner.models.encoder import feature_spec
+from captioner.utils import atomic_write_text, pick_device
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured: the metrics and the decoded captions (in the split's order)."""
+
+    metrics: dict[str, float]
+    captions: list[Caption]
+
+
+def evaluate(model: Captioner, split: SplitData, vocab: Vocabulary, decode_cfg: DecodeConfig, *, batch_size: int,
+             device: torch.device, localisation: bool = False, meteor: bool = False, results_file: str | Path | None = None,
+             info: Any = None, progress: bool = False, max_caption_len: int = 30) -> Evaluation:
+    """Decode every image of ``split`` with ``decode_cfg``, score against its references, return metrics and captions.
+
+    ``localisation``: also the attention localisation under teacher forcing (shapes-world boxes needed;
+    skipped otherwise). ``results_file``: write the captions in COCO results format. Under data
+    parallelism each rank decodes a share and every rank gets the same metrics.
+    """
+    from captioner.metrics import evaluate as coco_metrics
+
+    caps = decode_split(model, split.store, vocab, decode_cfg, batch_size, device, progress, info)
+    hyps = {r.image_id: c.text for r, c in zip(split.records, caps)}
+    metrics: dict[str, float] = coco_metrics(references(split.records), hyps, meteor=meteor)
+    if localisation and (info is None or info.is_main):
+        loc = attention_localisation(model, split.records, split.store, vocab, batch_size, device, max_caption_len)
+        if loc:
+            metrics.update(loc)
+    if results_file is not None and (info is None or info.is_main):
+        coco = [{"image_id": r.image_id, "caption": c.text} for r, c in zip(split.records, caps)]
+        atomic_write_text(results_file, json.dumps(coco, indent=1))
+    return Evaluation(metrics, caps)
+
+
+@torch.no_grad()
+def decode_split(model: Captioner, store: Any, vocab: Vocabulary, decode_cfg: DecodeConfig, batch_size: int,
+                 device: torch.device, progress: bool = False, info: DistInfo | None = None) -> list[Caption]:
+    """Decode every image of a store, in order.
+
+    Distributed, each rank decodes every world_size-th image and the captions are gathered on all
+    ranks, each image exactly once.
+    """
+    if info is not None and info.enabled:
+        mine = list(range(info.rank, len(store), info.world_size))
+        caps = decode_split(model, _Subset(store, mine), vocab, decode_cfg, batch_size, device, progress and info.is_main)
+        merged: dict[int, Caption] = {}
+        for idx, part in gather_objects((mine, caps), info):
+            merged.update(zip(idx, part))
+        return [merged[i] for i in range(len(store))]
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(ImagesOnly(store), batch_size=batch_size, shuffle=False, collate_fn=collate_images)
+    captions: list[Caption] = []
+    for batch in tqdm(loader, desc="decoding", disable=not progress, leave=False):
+        captions.extend(decode(model.decoder, model.encode(batch["images"].to(device)), vocab, decode_cfg))
+    model.train(was_training)
+    return captions
+
+
+class _Subset:
+    """Some images of a store, in the given order (the store interface: len and indexing)."""
+
+    def __init__(self, store: Any, indices: Sequence[int]):
+        self.store, self.indices = store, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.store[self.indices[i]]
+
+
+@torch.no_grad()
+def attention_localisation(model: Captioner, records: Sequence[ImageRecord], store: Any, vocab: Vocabulary,
+                           batch_size: int, device: torch.device, max_len: int = 30) -> dict[str, float] | None:
+    """Localisation of the attention peak under teacher forcing (records need shapes-world boxes)."""
+    if not records or "objects" not in records[0].extra or model.decoder.attention is None:
+        return None
+    model.eval()
+    attend = "argmax" if model.decoder.attention_type == "hard" else None
+    alphas, ids, boxes = [], [], []
+    image_hw = None
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        images = torch.stack([store[start + i] for i in range(len(chunk))])
+        feats = model.encode(images.to(device))  # (B, L, D)
+        enc = [vocab.encode(t, max_len) for r in chunk for t in r.tokens]
+        image_of = torch.tensor([i for i, r in enumerate(chunk) for _ in r.tokens], device=device)
+        caps, lengths = pad_captions(enc)
+        out = model.decoder(feats.index_select(0, image_of), caps.to(device), lengths.to(device), attend=attend)
+        k = 0
+        for r in chunk:
+            for c, toks in enumerate(r.tokens):
+                n = min(len(toks), max_len)
+                alphas.append(out.alphas[k, :n].cpu())  # step t emits token t
+                ids.append(r.extra["object_ids"][c][:n])
+                boxes.append([o["bbox"] for o in r.extra["objects"]])
+                k += 1
+        if image_hw is None:
+            from PIL import Image
+
+            with Image.open(chunk[0].path) as im:
+                image_hw = (im.height, im.width)
+    L = alphas[0].size(-1)
+    g = int(round(math.sqrt(L)))
+    return localisation_scores(alphas, ids, boxes, (g, L // g), image_hw)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluate job
 def read_results(path: str | Path) -> dict[str, str]:
     """A COCO-format results file ``[{"image_id": ..., "caption": ...}]`` as {image_id: caption}."""
     path = Path(path)
@@ -49,53 +176,49 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _split_records(records: dict[str, list[ImageRecord]], split: str, data: str) -> list[ImageRecord]:
-    if split not in records or not records[split]:
-        have = ", ".join(s for s, r in records.items() if r)
-        raise ConfigError(f"split={split}: data={data} has no images in that split (it has: {have})")
-    return records[split]
-
-
-def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+def evaluate_job(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score a checkpoint's decoded captions, or a results file, on ``cfg.split``; writes metrics and captions."""
-    from captioner.metrics import evaluate as coco_metrics
-
     if (cfg.checkpoint is None) == (cfg.results is None):
         raise ConfigError("give exactly one of checkpoint=PATH (decode and score) or results=PATH (score a results file)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any]
     if cfg.results is not None:
-        records = _split_records(load_records(cfg.data), cfg.split, cfg.data.name)
-        refs = {r.image_id: r.captions for r in records}
-        hyps = read_results(cfg.results)
-        unknown = sorted(set(hyps) - set(refs))
-        if unknown:
-            raise DatasetError(cfg.results, f"{len(unknown)} image_id(s) are not in the {cfg.split} split (e.g. {unknown[0]!r})")
-        missing = len(refs) - len(hyps)
-        if missing:
-            log.warning("%s: %d image(s) of the %s split have no caption; scoring the %d that do", cfg.results, missing, cfg.split, len(hyps))
-        metrics = coco_metrics(refs, hyps, meteor=cfg.meteor)
-        metrics["images"] = len(hyps)
+        metrics = _score_results_file(cfg)
     else:
+        from captioner.models.checkpoint import load_captioner
+
         device = pick_device(cfg.device)
         model, vocab = load_captioner(cfg.checkpoint, map_location=device)
         model.to(device)
         cfg.data.image_size = model.spec.image_size
-        data = build_data(cfg.data, vocab=vocab, progress=cfg.progress, encoder_cfg=model.spec.encoder, encoder=model.encoder)
-        records = _split_records(data.records, cfg.split, cfg.data.name)
-        caps = decode_split(model, data.stores[cfg.split], vocab, cfg.decode, cfg.data.eval_batch_size, device, cfg.progress)
-        hyps = {r.image_id: c.text for r, c in zip(records, caps)}
-        metrics = coco_metrics({r.image_id: r.captions for r in records}, hyps, meteor=cfg.meteor)
-        if cfg.localisation:
-            loc = attention_localisation(model, records, data.stores[cfg.split], vocab, cfg.data.eval_batch_size, device, cfg.data.max_caption_len)
-            if loc:
-                metrics.update(loc)
-        metrics["images"] = len(records)
-        results = [{"image_id": r.image_id, "caption": c.text} for r, c in zip(records, caps)]
-        (out_dir / f"captions_{cfg.split}.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        spec = feature_spec(model.spec.encoder, cfg.data.image_size, model.encoder) if cfg.data.features else None
+        data = build_data(cfg.data, vocab=vocab, progress=cfg.progress, feature_spec=spec)
+        split = data.split(cfg.split)
+        result = evaluate(model, split, vocab, cfg.decode, batch_size=cfg.data.eval_batch_size, device=device,
+                          localisation=cfg.localisation, meteor=cfg.meteor, results_file=out_dir / f"captions_{cfg.split}.json",
+                          progress=cfg.progress, max_caption_len=cfg.data.max_caption_len)
+        metrics = dict(result.metrics, images=len(split.records))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     log.info("%s split, %s:\n%s", cfg.split, cfg.checkpoint or cfg.results, format_table(metrics))
     return metrics
+
+
+def _score_results_file(cfg: EvaluateConfig) -> dict[str, Any]:
+    """COCO metrics of a results file against the references of ``cfg.split``."""
+    from captioner.metrics import evaluate as coco_metrics
+
+    records = load_records(cfg.data)
+    if not records.get(cfg.split):
+        have = ", ".join(s for s, r in records.items() if r)
+        raise ConfigError(f"split={cfg.split}: data={cfg.data.name} has no images in that split (it has: {have})")
+    refs = references(records[cfg.split])
+    hyps = read_results(cfg.results)
+    unknown = sorted(set(hyps) - set(refs))
+    if unknown:
+        raise DatasetError(cfg.results, f"{len(unknown)} image_id(s) are not in the {cfg.split} split (e.g. {unknown[0]!r})")
+    missing = len(refs) - len(hyps)
+    if missing:
+        log.warning("%s: %d image(s) of the %s split have no caption; scoring the %d that do", cfg.results, missing, cfg.split, len(hyps))
+    return dict(coco_metrics(refs, hyps, meteor=cfg.meteor), images=len(hyps))

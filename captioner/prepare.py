@@ -24,7 +24,11 @@ from tqdm import tqdm
 
 from captioner.config import DataConfig, EncoderConfig
 from captioner.data.datasets import ImageStore
-from captioner.data.features import FP16_MAX, CacheWriter, FeatureCacheError, Fp16Error, encoder_kwargs, feature_spec
+from captioner.config import ConfigError
+from captioner.data.build import load_records
+from captioner.data.features import FP16_MAX, CacheWriter, FeatureCacheError, Fp16Error
+from captioner.models.encoder import Encoder, encoder_kwargs, feature_spec
+from captioner.utils import pick_device
 from captioner.data.images import ImageLoadError, normalise_uint8
 from captioner.data.sources import SPLITS, ImageRecord
 
@@ -84,12 +88,6 @@ def register_prepare_config() -> None:
 
     register_configs()
     ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @torch.inference_mode()
@@ -182,24 +180,21 @@ def _encode_batch(encoder: torch.nn.Module, images: Tensor, device: torch.device
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Encode the configured dataset splits into ``cfg.cache_dir``; returns a summary (counts, time, fp16 error)."""
-    from captioner.models.encoder import Encoder
-    from captioner.training.loop import load_records
-
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not cfg.encoder.freeze:
-        raise ValueError(f"encoder.freeze=false: a feature cache holds a frozen encoder's features; "
+        raise ConfigError(f"encoder.freeze=false: a feature cache holds a frozen encoder's features; "
                          f"pass encoder.freeze=true to cache {cfg.encoder.name}")
     unknown = sorted(set(cfg.splits) - set(SPLITS))
     if unknown:
-        raise ValueError(f"unknown splits {unknown}; choose from {list(SPLITS)}")
+        raise ConfigError(f"unknown splits {unknown}; choose from {list(SPLITS)}")
     records = load_records(cfg.data)
     chosen = {s: records[s] for s in cfg.splits if records.get(s)}
     for s in cfg.splits:
         if not records.get(s):
             log.warning("split %s has no images in %s; nothing to cache for it", s, cfg.data.root)
-    device = _device(cfg.device)
+    device = pick_device(cfg.device)
     encoder = Encoder(**encoder_kwargs(cfg.encoder))
     spec = feature_spec(cfg.encoder, cfg.data.image_size, encoder)
     info = {"data": {"name": cfg.data.name, "format": cfg.data.format, "root": str(Path(cfg.data.root).expanduser().resolve())}}
@@ -212,23 +207,3 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     return {"cache_dir": str(cfg.cache_dir), "images": encoded, "feature_shape": manifest["feature_shape"],
             "encode_seconds": {s: round(manifest["splits"][s]["seconds"] or 0.0, 1) for s in chosen},
             "seconds": round(seconds, 1), "fp16_error": manifest["fp16_error"]}
-
-
-def main() -> None:
-    """``python scripts/prepare_data.py``: compose ``conf/prepare.yaml``, run ``prepare``, print its summary as JSON."""
-    import json
-    import sys
-
-    from captioner.cli import _run_hydra
-
-    def task(cfg: PrepareConfig) -> None:
-        try:
-            summary = prepare(cfg)
-        except ValueError as e:  # bad splits, unfrozen encoder, dataset and cache errors: one line, no traceback
-            log.error("%s", e)
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
-        print(json.dumps(summary), flush=True)
-
-    register_prepare_config()
-    _run_hydra("prepare", task)

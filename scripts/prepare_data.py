@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from captioner.prepare import main  # noqa: E402
+from captioner.cli import prepare_main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    prepare_main()

@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from captioner.training.checkpoint import load_checkpoint
+from captioner.models.checkpoint import load_checkpoint
+from captioner.training.losses import CaptionObjective
+from captioner.training.state import Progress
 
 
 def _free_port() -> int:
@@ -28,7 +30,8 @@ def _free_port() -> int:
 
 def epoch_gradients(cfg) -> list[torch.Tensor]:
     """Flat averaged gradients (float64 copies) of every step of epoch 1, parameters held fixed (lr = 0)."""
-    from captioner.training import distributed, loop
+    from captioner import distributed
+    from captioner.training import loop
 
     info = distributed.init_distributed("cpu")
     data = loop.build_data(cfg.data)
@@ -43,15 +46,18 @@ def epoch_gradients(cfg) -> list[torch.Tensor]:
     def record(progress) -> None:
         grads.append(torch.cat([p.grad.reshape(-1).double() for p in model.parameters() if p.requires_grad]))
 
-    loop.train_one_epoch(model, loader, opt, sched, cfg, torch.device("cpu"), loop.Progress(epoch=1), on_step=record, info=info)
+    objective = CaptionObjective(cfg.loss, model.decoder.attention_type)
+    loop.train_one_epoch(model, loader, opt, sched, objective, cfg, torch.device("cpu"), Progress(epoch=1), on_step=record, info=info)
     return grads
 
 
 def _worker(rank: int, world: int, port: int, cfg, task: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from captioner.training import distributed
-    from captioner.training.loop import build_data, decode_split, train
+    from captioner import distributed
+    from captioner.data.build import build_data
+    from captioner.evaluation import decode_split
+    from captioner.training.loop import train
 
     try:
         if task == "train":
@@ -129,7 +135,8 @@ def test_gathered_validation_has_each_image_once(tiny_cfg, tmp_path):
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert len(r0) == 7 and r0 == r1  # every rank sees all 7 captions, in dataset order
     from captioner.models.captioner import build_model
-    from captioner.training.loop import build_data, decode_split
+    from captioner.data.build import build_data
+    from captioner.evaluation import decode_split
 
     data = build_data(cfg.data)
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ import pytest
 from conftest import compose_train
 from captioner.config import ConfigError, DecodeConfig, EncoderConfig, ModelConfig, register_configs
 from captioner.data.sources import DatasetError
-from captioner.evaluation import evaluate
-from captioner.training.loop import build_data
+from captioner.evaluation import evaluate_job as evaluate
+from captioner.data.build import build_data
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def compose_evaluate(overrides):
 def tiny_checkpoint(tiny_shapes, tmp_path):
     from captioner.data.vocab import Vocabulary
     from captioner.models.captioner import build_model
-    from captioner.training.checkpoint import save_checkpoint
+    from captioner.models.checkpoint import save_checkpoint
 
     cfg = compose_train(["experiment=shapes_soft", f"data.root={tiny_shapes}", "data.generate=false", "output_dir=/tmp/unused"])
     data = build_data(cfg.data)

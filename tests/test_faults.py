@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import captioner.training.losses as losses
 import captioner.training.loop as loop
 from conftest import TINY_MODEL
-from captioner.training.checkpoint import load_checkpoint
-from captioner.training.loop import TrainingInterrupted, train
+from captioner.models.checkpoint import load_checkpoint
+from captioner.training.loop import train
+from captioner.training.state import TrainingInterrupted
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +36,7 @@ def test_sigterm_mid_epoch_then_resume_is_exact(tiny_cfg, tmp_path, monkeypatch)
     real_step = loop.train_one_epoch
 
     def step_then_signal(*args, **kwargs):
-        user_hook = args[10] if len(args) > 10 else kwargs.get("on_step")
+        user_hook = kwargs.get("on_step")
 
         def hook(p):
             if user_hook:
@@ -42,11 +44,7 @@ def test_sigterm_mid_epoch_then_resume_is_exact(tiny_cfg, tmp_path, monkeypatch)
             if p.epoch == 2 and p.batch == 3:
                 os.kill(os.getpid(), signal.SIGTERM)  # the real handler turns this into a clean stop
 
-        args = list(args)
-        if len(args) > 10:
-            args[10] = hook
-        else:
-            kwargs["on_step"] = hook
+        kwargs["on_step"] = hook
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_one_epoch", step_then_signal)
@@ -65,7 +63,7 @@ def test_sigterm_mid_epoch_then_resume_is_exact(tiny_cfg, tmp_path, monkeypatch)
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_cfg, monkeypatch):
     cfg = tiny_cfg("epochs=3", "test=false", "data.limit_val=0")
-    real_loss = loop.caption_loss
+    real_loss = losses.caption_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -75,7 +73,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_cfg, mo
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(loop, "caption_loss", poisoned)
+    monkeypatch.setattr(losses, "caption_loss", poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 2, batch 2 \(global step 8\).*last good checkpoint"):
         train(cfg)
     ck = load_checkpoint(Path(cfg.output_dir) / "last.pt")
@@ -85,7 +83,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_cfg, mo
 WRITER = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[2])
-from captioner.training.checkpoint import atomic_torch_save
+from captioner.utils import atomic_torch_save
 i = 0
 while True:
     i += 1

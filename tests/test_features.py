@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from captioner.data.datasets import ImageStore
-from captioner.data.features import MANIFEST, CacheWriter, FeatureCacheError, feature_spec, open_cache, state_fingerprint
+from captioner.data.features import MANIFEST, CacheWriter, FeatureCacheError, open_cache
+from captioner.models.encoder import feature_spec, state_fingerprint
 from captioner.data.images import normalise_uint8
 from captioner.data.sources import read_records
 from captioner.models.encoder import Encoder

@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from captioner.config import ModelConfig
+from captioner.config import LossConfig
 from captioner.models.decoder import AttentionDecoder, DecoderOutput
 from captioner.training.losses import caption_loss
 from captioner.training.reinforce import (
@@ -216,8 +216,7 @@ def mc_gradients(dec: AttentionDecoder, features: Tensor, samples: int, baseline
     """
     torch.manual_seed(seed)
     model = FeatureCaptioner(dec)
-    cfg = replace(ModelConfig(), attention="hard", lambda_r=1.0, lambda_e=LAMBDA_E, soft_mix=0.0, doubly_stochastic=0.0,
-                  hard_samples=samples)
+    cfg = LossConfig(lambda_r=1.0, lambda_e=LAMBDA_E, soft_mix=0.0, doubly_stochastic=0.0, hard_samples=samples)
     copies = N_SAMPLES // GROUPS // samples
     caps, lengths = CAPTION.expand(copies, -1), torch.full((copies,), 3)
     image_of = torch.zeros(copies, dtype=torch.long)
@@ -348,7 +347,7 @@ def hard_setup(tiny_shapes, tmp_path):
     from captioner.data.datasets import CaptionGroups, collate_groups
     from captioner.data.images import normalise_uint8
     from captioner.models.captioner import build_model
-    from captioner.training.loop import build_data
+    from captioner.data.build import build_data
 
     def make(*extra: str):
         cfg = compose_train(["experiment=shapes_hard", f"data.root={tiny_shapes}", "data.generate=false",
@@ -369,17 +368,17 @@ def test_config_composes_hard():
 
     cfg = compose_train(["experiment=shapes_hard", "output_dir=/tmp/x"])
     assert cfg.model.attention == "hard" and cfg.model.name == "hard"
-    assert 0.0 <= cfg.model.soft_mix <= 1.0 and cfg.model.hard_samples >= 1
+    assert 0.0 <= cfg.loss.soft_mix <= 1.0 and cfg.loss.hard_samples >= 1
     assert cfg.decode.hard_attend in ("expected", "argmax", "sample")
 
 
 def test_soft_mix_one_equals_soft_loss(hard_setup):
-    cfg, model, batch = hard_setup("model.soft_mix=1.0")
+    cfg, model, batch = hard_setup("loss.soft_mix=1.0")
     images, captions, lengths, image_of = batch
     state = torch.get_rng_state()
-    losses = hard_attention_loss(model, images, captions, lengths, image_of, cfg.model, ReinforceBaseline())
+    losses = hard_attention_loss(model, images, captions, lengths, image_of, cfg.loss, ReinforceBaseline())
     assert torch.equal(torch.get_rng_state(), state)  # no draw when the choice is certain
-    ref = caption_loss(model(images, captions, lengths, image_of, attend="expected"), captions, cfg.model.doubly_stochastic)
+    ref = caption_loss(model(images, captions, lengths, image_of, attend="expected"), captions, cfg.loss.doubly_stochastic)
     assert torch.allclose(losses["loss"], ref["loss"]) and torch.allclose(losses["nll"], ref["nll"])
     assert float(losses["hard"]) == 0.0
 
@@ -387,7 +386,7 @@ def test_soft_mix_one_equals_soft_loss(hard_setup):
 def test_soft_mix_draws_are_reproducible(tiny):
     """The soft/hard choice comes from torch's global RNG, so the same seed (or a restored RNG state) repeats it."""
     dec, features = tiny
-    model, cfg = FeatureCaptioner(dec), replace(ModelConfig(), attention="hard", soft_mix=0.5)
+    model, cfg = FeatureCaptioner(dec), LossConfig(soft_mix=0.5)
     batch = (features, CAPTION.expand(2, -1), torch.full((2,), 3), torch.zeros(2, dtype=torch.long))
 
     def choices(seed: int) -> tuple[list[float], list[float]]:
@@ -403,11 +402,11 @@ def test_soft_mix_draws_are_reproducible(tiny):
 
 @pytest.mark.parametrize("samples", [1, 3])
 def test_hard_loss_finite_and_reaches_every_parameter(hard_setup, samples):
-    cfg, model, batch = hard_setup("model.soft_mix=0.0", f"model.hard_samples={samples}")
-    baseline = ReinforceBaseline(cfg.model.baseline_decay)
+    cfg, model, batch = hard_setup("loss.soft_mix=0.0", f"loss.hard_samples={samples}")
+    baseline = ReinforceBaseline(cfg.loss.baseline_decay)
     for _ in range(2):  # the second call uses the moving-average baseline
         model.zero_grad(set_to_none=True)
-        losses = hard_attention_loss(model, *batch, cfg.model, baseline)
+        losses = hard_attention_loss(model, *batch, cfg.loss, baseline)
         assert {"loss", "nll"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
         assert float(losses["hard"]) == 1.0
         losses["loss"].backward()
@@ -421,12 +420,12 @@ def test_train_one_epoch_hard(tiny_shapes, tmp_path):
     """The training job runs end to end with hard attention and saves the baseline in the checkpoint."""
     from conftest import TINY_MODEL, compose_train
 
-    from captioner.training.checkpoint import load_checkpoint
+    from captioner.models.checkpoint import load_checkpoint
     from captioner.training.loop import train
 
     out = tmp_path / "hard"
     cfg = compose_train(["experiment=shapes_hard", f"data.root={tiny_shapes}", "data.generate=false", f"output_dir={out}",
-                         "epochs=2", "model.soft_epochs=1", "model.soft_mix=0.0", *TINY_MODEL])
+                         "epochs=2", "loss.soft_epochs=1", "loss.soft_mix=0.0", *TINY_MODEL])
     results = train(cfg)
     assert all(math.isfinite(v) for v in results.values())
     assert "BLEU-4" in results

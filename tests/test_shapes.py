@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from captioner.cli import shapes as shapes_cli
 from captioner.data import shapes
 from captioner.data.shapes import generate_shapes
 from captioner.data.tokenize import tokenize
@@ -249,7 +250,7 @@ def test_reuse_when_meta_matches_and_regenerate_otherwise(tmp_path: Path) -> Non
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    shapes.main([str(tmp_path), "--n-train", "3", "--n-val", "1", "--n-test", "1", "--max-objects", "2", "--seed", "5"])
+    shapes_cli.main([str(tmp_path), "--n-train", "3", "--n-val", "1", "--n-test", "1", "--max-objects", "2", "--seed", "5"])
     data = json.loads((tmp_path / "dataset_shapes.json").read_text())
     assert len(data["images"]) == 5 and data["meta"]["max_objects"] == 2 and data["meta"]["seed"] == 5
     assert "dataset_shapes.json" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import torch
 from captioner.data.features import FeatureCacheError
 from captioner.models.encoder import ShapesCNN
 from captioner.prepare import PrepareConfig, prepare
-from captioner.training.checkpoint import load_checkpoint
+from captioner.models.checkpoint import load_checkpoint
 from captioner.training.loop import train
 
 

@@ -14,7 +14,7 @@ from captioner.data.datasets import pad_captions
 from captioner.data.vocab import Vocabulary
 from captioner.decoding import greedy_decode
 from captioner.models.decoder import AttentionDecoder
-from captioner.training.checkpoint import load_captioner, load_checkpoint
+from captioner.models.checkpoint import load_captioner, load_checkpoint
 from captioner.training.loop import build_data, train
 from captioner.training.losses import caption_loss
 

@@ -298,7 +298,7 @@ def sample(model: CharRNN, vocab: CharVocab, length: int, temperature: float = 1
 # The job
 def load_text(cfg: CharLMConfig) -> tuple[str, str]:
     """Training and held-out text: the dataset's splits, or the training stream's tail when ``val_split == 'tail'``."""
-    from captioner.training.loop import load_records
+    from captioner.data.build import load_records
 
     records = load_records(cfg.data)
     if cfg.train_split not in records:
@@ -324,8 +324,7 @@ def train_char_lm(cfg: CharLMConfig) -> dict:
     """Train with truncated BPTT; held-out and unigram perplexity and a sample (files go to ``output_dir``)."""
     from tqdm import tqdm
 
-    from captioner.training.checkpoint import atomic_torch_save
-    from captioner.training.loop import pick_device
+    from captioner.utils import atomic_torch_save, pick_device
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

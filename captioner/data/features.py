@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from captioner.data.sources import DatasetError
+from captioner.utils import atomic_write_text
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -57,56 +58,7 @@ class FeatureCacheError(DatasetError):
 
 
 # --------------------------------------------------------------------------------------------------
-# What a cache's features depend on
-def encoder_kwargs(encoder_cfg: Any) -> dict[str, Any]:
-    """The ``Encoder`` keyword arguments of an ``encoder`` config (dataclass or dict), always frozen."""
-    cfg = encoder_cfg if isinstance(encoder_cfg, Mapping) else dataclasses.asdict(encoder_cfg)
-    kw: dict[str, Any] = {"name": cfg["name"], "weights": cfg.get("weights"), "grid": cfg.get("grid"), "freeze": True}
-    if cfg.get("stage") is not None:
-        kw["stage"] = cfg["stage"]
-    if cfg["name"] == "shapes_cnn":
-        kw.update({k: cfg[k] for k in ("channels", "blocks") if k in cfg})
-    return kw
-
-
-def state_fingerprint(module: nn.Module) -> str:
-    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): the identity of its exact weights."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def feature_spec(encoder_cfg: Any, image_size: int, encoder: nn.Module | None = None) -> dict[str, Any]:
-    """The ``expect`` dict of ``open_cache``: encoder, exact weights, grid and input transform.
-
-    ``encoder`` (a frozen ``captioner.models.encoder.Encoder`` built from ``encoder_cfg``) is built here
-    when not given. The weights are identified by the SHA-256 of the loaded state dict, so a cache made
-    from the same file under another path is accepted and one made from other (or random) weights is not.
-    """
-    from captioner.models.encoder import Encoder
-
-    kw = encoder_kwargs(encoder_cfg)
-    if encoder is None:
-        encoder = Encoder(**kw)
-    if not getattr(encoder, "frozen", True):
-        raise ValueError("a feature cache holds a frozen encoder's features; this encoder is fine-tuned (encoder.freeze=false)")
-    return {
-        "encoder": kw["name"],
-        "weights": kw["weights"],
-        "weights_sha256": state_fingerprint(encoder.body),
-        "stage": kw.get("stage"),
-        "grid": kw["grid"],
-        "options": {k: kw[k] for k in ("channels", "blocks") if k in kw},
-        "image_size": int(image_size),
-        "mean": [float(m) for m in encoder.mean],
-        "std": [float(s) for s in encoder.std],
-        "transform": TRANSFORM,
-    }
-
-
+# What a cache's features depend on (the spec itself is built on the model side: captioner.models.encoder.feature_spec)
 def spec_digest(spec: Mapping[str, Any]) -> str:
     """Short stable hash of the compared fields of a spec (for progress files)."""
     return hashlib.sha256(json.dumps({k: spec.get(k) for k in COMPARED}, sort_keys=True).encode()).hexdigest()[:16]
@@ -234,7 +186,7 @@ def open_cache(cache_dir: str | Path, expect: Mapping[str, Any], image_ids: Sequ
                dtype: torch.dtype = torch.float32, data_name: str | None = None) -> FeatureStore:
     """Open a cache for ``image_ids`` (any of its splits, in this order), refusing a missing, half-written or mismatched one.
 
-    ``expect`` is ``feature_spec(encoder_cfg, image_size, encoder)``. Every compared field that differs,
+    ``expect`` is ``captioner.models.encoder.feature_spec(encoder_cfg, image_size, encoder)``. Every compared field that differs,
     and image ids the cache lacks, are named in one ``FeatureCacheError``; ``data_name`` (the data config
     option, e.g. ``flickr8k``) completes the prepare command quoted in the message.
     """
@@ -284,12 +236,7 @@ def open_cache(cache_dir: str | Path, expect: Mapping[str, Any], image_ids: Sequ
 # --------------------------------------------------------------------------------------------------
 # Writing
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj))
 
 
 def _lock(cache_dir: Path) -> Any:

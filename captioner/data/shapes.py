@@ -31,10 +31,8 @@ byte-identical files, whatever order (or subset) the images are made in.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import re
 import struct
 import time
@@ -48,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from captioner.data.tokenize import tokenize
+from captioner.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -529,44 +528,7 @@ def generate_shapes(
         if _OUR_FILES.match(stale.name) and stale.name not in written:
             stale.unlink()
 
-    tmp = json_path.with_name(f"{json_path.name}.{os.getpid()}.tmp")
     # json.dumps uses the C encoder; json.dump streams through the pure-Python one (10x slower).
-    text = json.dumps({"dataset": "shapes", "meta": meta, "images": images}, separators=(",", ":"))
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, json_path)
+    atomic_write_text(json_path, json.dumps({"dataset": "shapes", "meta": meta, "images": images}, separators=(",", ":")))
     logger.info("wrote %d shapes images to %s in %.1f s", len(images), root, time.perf_counter() - start)
     return json_path
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m captioner.data.shapes ROOT [--n-train N ...]``."""
-    parser = argparse.ArgumentParser(description="Generate the synthetic shapes captioning dataset.")
-    parser.add_argument("root", type=Path, help="output folder (dataset_shapes.json and images/)")
-    parser.add_argument("--n-train", type=int, default=8000)
-    parser.add_argument("--n-val", type=int, default=1000)
-    parser.add_argument("--n-test", type=int, default=1000)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-objects", type=int, default=1)
-    parser.add_argument("--max-objects", type=int, default=MAX_OBJECTS)
-    parser.add_argument("--noise", type=float, default=6.0, help="std of the gaussian pixel noise, 0-255 units")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    start = time.perf_counter()
-    path = generate_shapes(
-        args.root,
-        n_train=args.n_train,
-        n_val=args.n_val,
-        n_test=args.n_test,
-        image_size=args.image_size,
-        seed=args.seed,
-        min_objects=args.min_objects,
-        max_objects=args.max_objects,
-        noise=args.noise,
-    )
-    print(f"{path} ({time.perf_counter() - start:.1f} s)")
-
-
-if __name__ == "__main__":
-    main()

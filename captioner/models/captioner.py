@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captioner.data.images import normalise_uint8
 from captioner.models.decoder import AttentionDecoder, DecoderOutput
-from captioner.models.encoder import Encoder
+from captioner.models.encoder import Encoder, encoder_spec
 
 
 @dataclass
@@ -29,10 +30,6 @@ class CaptionerSpec:
         return d
 
 
-DECODER_KEYS = ("embed_dim", "hidden_dim", "attn_dim", "cell", "num_layers", "dropout", "attention", "beta_gate", "deep_output", "image_input", "context_dim")
-ENCODER_KEYS = ("name", "weights", "grid", "freeze", "channels", "blocks", "stage")
-
-
 class Captioner(nn.Module):
     """Image -> features -> attention decoder. ``encoder`` may be skipped when features come from a cache."""
 
@@ -46,11 +43,17 @@ class Captioner(nn.Module):
         self.spec.mean, self.spec.std = self.encoder.mean, self.encoder.std
         self.decoder = AttentionDecoder(vocab_size=spec.vocab_size, feature_dim=self.encoder.out_dim, **spec.decoder)
 
-    def encode(self, images: Tensor) -> Tensor:
-        """Normalised images (B, 3, H, W) -> features (B, L, D); cached features (B, L, D) pass through."""
-        if images.dim() == 3:
-            return images.to(torch.get_default_dtype())
-        return self.encoder(images)
+    def encode(self, x: Tensor) -> Tensor:
+        """Images -> features (B, L, D). The one place that tells inputs apart:
+
+        uint8 images (B, 3, H, W) are normalised with the encoder's mean/std, float images (B, 3, H, W)
+        are taken as normalised already, and cached features (B, L, D) pass through.
+        """
+        if x.dim() == 3:  # (B, L, D) features from a cache
+            return x.to(torch.get_default_dtype())
+        if x.dtype == torch.uint8:
+            x = normalise_uint8(x, self.spec.mean, self.spec.std)  # (B, 3, H, W)
+        return self.encoder(x)
 
     def forward(self, images: Tensor, captions: Tensor, lengths: Tensor | None = None, image_of: Tensor | None = None,
                 attend: str | None = None) -> DecoderOutput:
@@ -63,16 +66,14 @@ class Captioner(nn.Module):
 
 
 def build_model(encoder_cfg: Any, model_cfg: Any, vocab_size: int, image_size: int) -> Captioner:
-    """Build from the ``encoder`` and ``model`` config groups (dataclasses or dicts)."""
-    enc = encoder_cfg if isinstance(encoder_cfg, dict) else asdict(encoder_cfg)
-    dec = model_cfg if isinstance(model_cfg, dict) else asdict(model_cfg)
-    enc = {k: enc[k] for k in ENCODER_KEYS if k in enc}
-    if enc.get("name") != "shapes_cnn":
-        enc.pop("channels", None)
-        enc.pop("blocks", None)
-    if enc.get("stage") is None:
-        enc.pop("stage", None)
-    spec = CaptionerSpec(encoder=enc, decoder={k: dec[k] for k in DECODER_KEYS if k in dec}, vocab_size=vocab_size, image_size=image_size)
+    """Build from the ``encoder`` and ``model`` config groups (dataclasses or dicts).
+
+    Every ``model`` field but its option name is a decoder argument (``ModelConfig`` describes only the
+    network); the encoder keeps only the options its backbone takes (``encoder_spec``).
+    """
+    dec = dict(model_cfg if isinstance(model_cfg, dict) else asdict(model_cfg))
+    dec.pop("name", None)
+    spec = CaptionerSpec(encoder=encoder_spec(encoder_cfg), decoder=dec, vocab_size=vocab_size, image_size=image_size)
     return Captioner(spec)
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from captioner.data.features import TRANSFORM as FEATURE_TRANSFORM
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -203,3 +207,61 @@ class Encoder(nn.Module):
         if self.grid is not None and tuple(fmap.shape[-2:]) != (self.grid, self.grid):
             fmap = F.adaptive_avg_pool2d(fmap, self.grid)  # (B, D, g, g)
         return fmap.flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+# --------------------------------------------------------------------------------------------------
+# What cached features depend on: the plain spec a feature cache (captioner.data.features) is checked against
+def encoder_spec(encoder_cfg: Any) -> dict[str, Any]:
+    """The ``Encoder`` keyword arguments of an ``encoder`` config (dataclass or dict): what a checkpoint stores.
+
+    ``stage`` only when set, ``channels``/``blocks`` only for ``shapes_cnn`` (the other backbones take neither).
+    """
+    cfg = dict(encoder_cfg if isinstance(encoder_cfg, Mapping) else asdict(encoder_cfg))
+    kw: dict[str, Any] = {k: cfg.get(k) for k in ("name", "weights", "grid", "freeze")}
+    kw["freeze"] = bool(cfg.get("freeze", True))
+    if cfg.get("stage") is not None:
+        kw["stage"] = cfg["stage"]
+    if cfg["name"] == "shapes_cnn":
+        kw.update({k: cfg[k] for k in ("channels", "blocks") if k in cfg})
+    return kw
+
+
+def encoder_kwargs(encoder_cfg: Any) -> dict[str, Any]:
+    """:func:`encoder_spec` of a frozen encoder (what a feature cache is made with)."""
+    return dict(encoder_spec(encoder_cfg), freeze=True)
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): the identity of its exact weights."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def feature_spec(encoder_cfg: Any, image_size: int, encoder: nn.Module | None = None) -> dict[str, Any]:
+    """The ``expect`` dict of ``open_cache``: encoder, exact weights, grid and input transform.
+
+    ``encoder`` (a frozen ``captioner.models.encoder.Encoder`` built from ``encoder_cfg``) is built here
+    when not given. The weights are identified by the SHA-256 of the loaded state dict, so a cache made
+    from the same file under another path is accepted and one made from other (or random) weights is not.
+    """
+    kw = encoder_kwargs(encoder_cfg)
+    if encoder is None:
+        encoder = Encoder(**kw)
+    if not getattr(encoder, "frozen", True):
+        raise ValueError("a feature cache holds a frozen encoder's features; this encoder is fine-tuned (encoder.freeze=false)")
+    return {
+        "encoder": kw["name"],
+        "weights": kw["weights"],
+        "weights_sha256": state_fingerprint(encoder.body),
+        "stage": kw.get("stage"),
+        "grid": kw["grid"],
+        "options": {k: kw[k] for k in ("channels", "blocks") if k in kw},
+        "image_size": int(image_size),
+        "mean": [float(m) for m in encoder.mean],
+        "std": [float(s) for s in encoder.std],
+        "transform": FEATURE_TRANSFORM,
+    }

@@ -1,46 +1,71 @@
-"""Training losses: masked NLL and the doubly stochastic attention penalty."""
+"""The one loss entry point of a training step, for every captioner and every stage.
+
+``CaptionObjective`` (teacher forcing: soft, hard and Show-and-Tell) is called the same way by
+``train_one_epoch``; the terms it combines live in ``training.terms`` (NLL, doubly stochastic penalty)
+and ``training.reinforce`` (hard attention's REINFORCE estimator).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
-from captioner.models.decoder import DecoderOutput
+from captioner.training.reinforce import ReinforceBaseline, hard_attention_loss
+from captioner.training.terms import caption_loss, doubly_stochastic, masked_nll
+
+__all__ = ["CaptionObjective", "caption_loss", "doubly_stochastic", "global_token_count", "masked_nll"]
 
 
-def masked_nll(log_probs: Tensor, targets: Tensor, pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Per-caption summed NLL (B,) over real tokens only, and the token counts (B,)."""
-    mask = targets.ne(pad_id)  # (B, T-1)
-    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return (nll * mask).sum(1), mask.sum(1)
+# --------------------------------------------------------------------------------------------------
+# The one loss entry point of a training step
+def global_token_count(local: Tensor, info: Any) -> float | None:
+    """Denominator for the per-token loss under data parallelism: the global batch's tokens / world size.
 
-
-def doubly_stochastic(alphas: Tensor, targets: Tensor, pad_id: int = 0) -> Tensor:
-    """The paper's penalty sum_i (1 - sum_t alpha_ti)^2, averaged over locations and captions.
-
-    Only steps that predict a real token count. Averaging over the L locations (instead of the
-    paper's sum) keeps lambda=1 on the same scale as the per-token NLL whatever the grid size.
+    Gradients are averaged over ranks, so dividing each rank's summed loss by (global tokens / world
+    size) makes the averaged gradient equal one process's gradient on the whole global batch. ``None``
+    in a single process (each loss then divides by its own token count).
     """
-    mask = targets.ne(pad_id).unsqueeze(-1).to(alphas.dtype)  # (B, T-1, 1)
-    coverage = (alphas * mask).sum(1)  # (B, L)
-    return ((1.0 - coverage) ** 2).mean()
+    if info is None or not info.enabled:
+        return None
+    from captioner.distributed import all_reduce_sum
+
+    return float(all_reduce_sum(local.detach().double().cpu().reshape(1), info)) / info.world_size
 
 
-def caption_loss(out: DecoderOutput, captions: Tensor, lambda_ds: float = 1.0, pad_id: int = 0,
-                 token_total: Tensor | float | None = None, smoothing: float = 0.0) -> dict[str, Tensor]:
-    """Teacher-forced loss for captions (B, T): per-token NLL + lambda * doubly stochastic penalty.
+class CaptionObjective:
+    """Teacher-forced training loss of every captioner: soft attention, hard attention, Show and Tell.
 
-    ``token_total`` replaces the local token count as the NLL's denominator (data-parallel training
-    divides by the tokens of the whole global batch, so the gradient equals one big batch's).
-    ``smoothing`` enters "loss" only; "nll" stays the plain per-token NLL.
+    Called once per step with the loader's batch; it picks the attention mode (hard attention: soft
+    warm-up epochs, then the paper's soft/hard minibatch mixing), applies label smoothing, the doubly
+    stochastic penalty (models with attention) and the per-token normalisation of the global batch
+    under data parallelism the same way on every path. Holds the REINFORCE moving-average baseline,
+    whose state goes into checkpoints.
     """
-    targets = captions[:, 1:]  # (B, T-1)
-    nll_sum, n_tok = masked_nll(out.log_probs, targets, pad_id)
-    denominator = n_tok.sum().clamp(min=1) if token_total is None else token_total
-    nll = nll_sum.sum() / denominator
-    fit = nll
-    if smoothing:  # target (1 - eps) one-hot + eps uniform over the vocabulary, as F.cross_entropy(label_smoothing=eps)
-        mask = targets.ne(pad_id).to(out.log_probs.dtype)  # (B, T-1)
-        uniform = -(out.log_probs.mean(-1) * mask).sum() / denominator
-        fit = (1.0 - smoothing) * nll + smoothing * uniform
-    ds = doubly_stochastic(out.alphas, targets, pad_id) if lambda_ds else nll.new_zeros(())
-    return {"loss": fit + lambda_ds * ds, "nll": nll, "doubly_stochastic": ds}
+
+    def __init__(self, cfg: Any, attention_type: str):
+        self.cfg = cfg
+        self.attention_type = attention_type
+        self.baseline = None
+        if attention_type == "hard":
+            self.baseline = ReinforceBaseline(cfg.baseline_decay)
+
+    def __call__(self, model: Any, batch: dict[str, Tensor], epoch: int, info: Any = None) -> dict[str, Tensor]:
+        """Loss terms of one batch (``"loss"`` is what is minimised); ``batch`` tensors already on the device."""
+        images, captions, lengths, image_of = batch["images"], batch["captions"], batch["lengths"], batch["image_of"]
+        token_total = global_token_count(captions[:, 1:].ne(0).sum(), info)
+        lambda_ds = self.cfg.doubly_stochastic if self.attention_type != "none" else 0.0
+        if self.attention_type == "hard":
+            soft_mix = 1.0 if epoch <= self.cfg.soft_epochs else self.cfg.soft_mix  # soft warm-up: expected context only
+            return hard_attention_loss(model, images, captions, lengths, image_of, self.cfg, self.baseline,
+                                       soft_mix=soft_mix, token_total=token_total)
+        out = model(images, captions, lengths, image_of)
+        return caption_loss(out, captions, lambda_ds, token_total=token_total, smoothing=self.cfg.label_smoothing)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps for exact resume (the REINFORCE baseline), or None."""
+        return self.baseline.state_dict() if self.baseline is not None else None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.baseline is not None and state is not None:
+            self.baseline.load_state_dict(state)

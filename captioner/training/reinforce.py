@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from captioner.models.decoder import DecoderOutput
-from captioner.training.losses import caption_loss, doubly_stochastic
+from captioner.training.terms import caption_loss, doubly_stochastic
 
 
 class ReinforceBaseline:
@@ -151,31 +151,42 @@ def reinforce_surrogate(out: DecoderOutput, targets: Tensor, baseline: Tensor | 
 
 
 def hard_attention_loss(model: Any, images: Tensor, captions: Tensor, lengths: Tensor, image_of: Tensor, cfg: Any,
-                        baseline: ReinforceBaseline | None) -> dict[str, Tensor]:
-    """Training loss of a hard-attention captioner on one minibatch (``cfg`` is the ModelConfig).
+                        baseline: ReinforceBaseline | None, soft_mix: float | None = None,
+                        token_total: float | None = None) -> dict[str, Tensor]:
+    """Training loss of a hard-attention captioner on one minibatch (``cfg`` is the LossConfig).
 
-    With probability ``cfg.soft_mix`` (torch's global RNG, saved in checkpoints, so a resumed run
-    draws the same choices) the minibatch uses the expected context and the soft loss, as in the
-    paper; otherwise ``cfg.hard_samples`` location sequences per caption and the negated surrogate,
-    normalised per token like the soft NLL so learning rates carry over. The doubly stochastic
-    penalty (weight ``cfg.doubly_stochastic``) is added in both cases; on hard batches it is a
-    regulariser on the alphas of the sampled path (path gradient only, outside eq. 12).
-    ``cfg.reward_to_go`` switches from the paper's whole-caption reward to per-step rewards (see
-    :func:`caption_rewards`).
+    With probability ``soft_mix`` (default ``cfg.soft_mix``; torch's global RNG, saved in checkpoints,
+    so a resumed run draws the same choices) the minibatch uses the expected context and the soft loss,
+    as in the paper; otherwise ``cfg.hard_samples`` location sequences per caption and the negated
+    surrogate, normalised per token like the soft NLL so learning rates carry over. Both paths apply
+    ``cfg.label_smoothing`` to the likelihood term (the REINFORCE reward stays the plain log-likelihood)
+    and divide by ``token_total`` when given (data parallelism: the global batch's tokens / world size;
+    with M samples per caption, M times that). The doubly stochastic penalty (weight
+    ``cfg.doubly_stochastic``) is added in both cases; on hard batches it is a regulariser on the alphas
+    of the sampled path (path gradient only, outside eq. 12). ``cfg.reward_to_go`` switches from the
+    paper's whole-caption reward to per-step rewards (see :func:`caption_rewards`).
     """
-    p = float(cfg.soft_mix)
+    p = float(cfg.soft_mix if soft_mix is None else soft_mix)
     use_soft = p >= 1.0 or (p > 0.0 and bool(torch.rand(()) < p))
-    reward_to_go = bool(getattr(cfg, "reward_to_go", False))
+    smoothing = float(getattr(cfg, "label_smoothing", 0.0))
     if use_soft:
         out = model(images, captions, lengths, image_of, attend="expected")
-        losses = caption_loss(out, captions, cfg.doubly_stochastic)
+        losses = caption_loss(out, captions, cfg.doubly_stochastic, token_total=token_total, smoothing=smoothing)
         mask = captions[:, 1:].ne(0).to(out.log_probs.dtype)  # (N, T-1)
         losses["entropy"] = (out.entropies * mask).sum() / mask.sum().clamp(min=1) if out.entropies is not None else losses["nll"].new_zeros(())
         losses["hard"] = losses["nll"].new_zeros(())
         losses["baseline"] = losses["nll"].new_tensor(_value(baseline))
         return losses
 
+    return _sampled_locations_loss(model, images, captions, lengths, image_of, cfg, baseline, token_total)
+
+
+def _sampled_locations_loss(model: Any, images: Tensor, captions: Tensor, lengths: Tensor, image_of: Tensor, cfg: Any,
+                            baseline: ReinforceBaseline | None, token_total: float | None) -> dict[str, Tensor]:
+    """The hard half of :func:`hard_attention_loss`: ``cfg.hard_samples`` location sequences per caption."""
     M = int(cfg.hard_samples)
+    smoothing = float(getattr(cfg, "label_smoothing", 0.0))
+    reward_to_go = bool(getattr(cfg, "reward_to_go", False))
     features = model.encode(images)  # (B, L, D) once per image; the decoder projects it once per image too
     if M > 1:  # the M samples of a caption on adjacent rows, as leave_one_out expects
         image_of = image_of.repeat_interleave(M, 0)  # (N*M,)
@@ -184,9 +195,9 @@ def hard_attention_loss(model: Any, images: Tensor, captions: Tensor, lengths: T
     targets = captions[:, 1:]  # (N*M, T-1)
     terms = reinforce_terms(out, targets)
     n_tok = terms.mask.sum(1)  # (N*M,)
-    total = n_tok.sum().clamp(min=1)
+    total = n_tok.sum().clamp(min=1) if token_total is None else n_tok.new_tensor(token_total * M)
     rewards = caption_rewards(terms, reward_to_go)  # (N*M,) or (N*M, T-1)
-    per_token = float(terms.token_log_lik.detach().sum() / total)
+    per_token = float(terms.token_log_lik.detach().sum() / n_tok.sum().clamp(min=1))
     if M > 1:
         b = leave_one_out(rewards, M)
     elif baseline is not None and baseline.value is not None:
@@ -197,9 +208,14 @@ def hard_attention_loss(model: Any, images: Tensor, captions: Tensor, lengths: T
     if baseline is not None:
         baseline.update(per_token)  # after use: the batch's own samples never enter its baseline
     surrogate = surrogate_from_terms(terms, b, cfg.lambda_r, cfg.lambda_e, reward_to_go)  # (N*M,)
-    nll = -terms.token_log_lik.sum() / total
+    nll_sum = -terms.token_log_lik.sum()
+    nll = nll_sum / total
+    objective = -surrogate.sum()
+    if smoothing:  # (1 - eps) * NLL + eps * uniform on the likelihood's path term, as caption_loss does
+        uniform_sum = -(out.log_probs.mean(-1) * terms.mask).sum()
+        objective = objective + smoothing * (uniform_sum - nll_sum)
     ds = doubly_stochastic(out.alphas, targets) if cfg.doubly_stochastic else nll.new_zeros(())
-    loss = -surrogate.sum() / total + cfg.doubly_stochastic * ds
+    loss = objective / total + cfg.doubly_stochastic * ds
     return {"loss": loss, "nll": nll, "doubly_stochastic": ds, "entropy": terms.entropy.sum() / total,
             "hard": nll.new_ones(()), "baseline": nll.new_tensor(_value(baseline))}
 

@@ -1,9 +1,10 @@
-"""Checkpoints: plain tensors and Python values only, written atomically, read with ``weights_only=True``."""
+"""Checkpoints: plain tensors and Python values only, written atomically, read with ``weights_only=True``.
+
+Beside the model (not in ``training/``): captioning, evaluation and notebooks read checkpoints without the training job.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from captioner.data.vocab import Vocabulary
 from captioner.models.captioner import Captioner, spec_from_dict
+from captioner.utils import atomic_torch_save
 
 FORMAT_VERSION = 1
 REQUIRED = ("format_version", "model_config", "vocab", "model")
@@ -18,33 +20,6 @@ REQUIRED = ("format_version", "model_config", "vocab", "model")
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt or from an incompatible version; the message names the file."""
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash (even kill -9) at any moment leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed mid-write
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,4 +1,7 @@
-"""Console entry points. Each composes the Hydra config and calls one library function.
+"""Console entry points, all in this package. Each composes its config (Hydra or argparse) and calls one library function.
+
+Hydra commands are here; ``caption.py`` (``captioner-caption``) and ``shapes.py`` (``captioner-shapes``) are
+argparse commands beside them. No library module imports this package.
 
 Hydra resolves ``config_path`` relative to the file that declares ``@hydra.main``; an installed console
 script does not live next to ``conf/``, so the configuration directory is found explicitly:
@@ -25,7 +28,7 @@ def config_dir() -> str:
     env = os.environ.get("CAPTIONER_CONFIG_DIR")
     if env:
         return str(Path(env).resolve())
-    repo_conf = Path(__file__).resolve().parent.parent / "conf"
+    repo_conf = Path(__file__).resolve().parents[2] / "conf"
     if (repo_conf / "train.yaml").is_file():
         return str(repo_conf)
     installed = Path(sys.prefix) / "share" / "captioner" / "conf"  # setup.cfg data_files
@@ -39,14 +42,15 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from captioner.data.images import ImageLoadError
     from captioner.data.sources import DatasetError
     from captioner.models.encoder import WeightsUnavailableError
-    from captioner.training.checkpoint import CheckpointError
-    from captioner.training.loop import TrainingInterrupted
+    from captioner.models.checkpoint import CheckpointError
+    from captioner.training.state import TrainingInterrupted
 
     return (ConfigError, DatasetError, CheckpointError, ImageLoadError, WeightsUnavailableError, FileNotFoundError,
             FloatingPointError, TrainingInterrupted)
 
 
-def _run_hydra(config_name: str, task) -> None:
+def run_hydra(config_name: str, task) -> None:
+    """Compose ``conf/<config_name>.yaml`` from the command line and call ``task(dataclasses)``; user errors are one line."""
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
@@ -71,7 +75,7 @@ def train_main() -> None:
     """``captioner-train`` / ``python scripts/train.py``: train, then print the test metrics as one JSON line."""
 
     def task(cfg) -> None:
-        from captioner.training.distributed import shutdown
+        from captioner.distributed import shutdown
         from captioner.training.loop import train
 
         try:
@@ -81,20 +85,20 @@ def train_main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(results), flush=True)
 
-    _run_hydra("train", task)
+    run_hydra("train", task)
 
 
 def evaluate_main() -> None:
     """``captioner-evaluate`` / ``python scripts/evaluate.py``: print a metrics table and its JSON."""
 
     def task(cfg) -> None:
-        from captioner.evaluation import evaluate, format_table
+        from captioner.evaluation import evaluate_job, format_table
 
-        metrics = evaluate(cfg)
+        metrics = evaluate_job(cfg)
         print(format_table(metrics))
         print(json.dumps(metrics), flush=True)
 
-    _run_hydra("evaluate", task)
+    run_hydra("evaluate", task)
 
 
 def char_lm_main() -> None:
@@ -109,4 +113,17 @@ def char_lm_main() -> None:
     from captioner.analysis.char_lm import register_char_lm_config
 
     register_char_lm_config()  # char_lm_schema lives with the study, not in captioner.config
-    _run_hydra("char_lm", task)
+    run_hydra("char_lm", task)
+
+
+def prepare_main() -> None:
+    """``captioner-prepare`` / ``python scripts/prepare_data.py``: build a feature cache, print its summary as JSON."""
+    from captioner.prepare import register_prepare_config
+
+    def task(cfg) -> None:
+        from captioner.prepare import prepare
+
+        print(json.dumps(prepare(cfg)), flush=True)
+
+    register_prepare_config()
+    run_hydra("prepare", task)
