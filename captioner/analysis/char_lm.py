@@ -27,7 +27,7 @@ from omegaconf import MISSING
 from torch import Tensor, nn
 
 from captioner.config import DataConfig, to_dict
-from captioner.models.decoder import CELLS, State
+from captioner.models.decoder import CELLS, State, step_cells
 
 log = logging.getLogger(__name__)
 
@@ -161,18 +161,8 @@ class CharRNN(nn.Module):
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """One character per stream: ids (B,) -> logits (B, V), the new state."""
-        inp = self.embed(x)  # (B, E)
-        hs, cs = [], []
-        for i, cell in enumerate(self.cells):
-            if self.cell_type == "lstm":
-                h, c = cell(inp, (state.h[i], state.c[i]))
-                cs.append(c)
-            else:
-                h = cell(inp, state.h[i])
-            hs.append(h)
-            inp = self.dropout(h)  # (B, H) into the next layer, or the output layer after the last
-        new_state = State(torch.stack(hs), torch.stack(cs) if cs else state.c)  # (N, B, H)
-        return self.out(inp), new_state  # (B, V)
+        new_state = step_cells(self.cells, self.embed(x), state, self.dropout)  # (N, B, H)
+        return self.out(self.dropout(new_state.h[-1])), new_state  # (B, V)
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """Characters (B, T) from ``state`` (zeros if None) -> logits (B, T, V) and the state after the last one."""

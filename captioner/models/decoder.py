@@ -44,6 +44,24 @@ class State(NamedTuple):
         return State(self.h.index_select(1, index), c)
 
 
+def step_cells(cells: nn.ModuleList, x: Tensor, state: State, dropout: nn.Module) -> State:
+    """One step of stacked recurrent cells (LSTM, GRU or RNN cells) on input x (B, in) -> the new state.
+
+    ``dropout`` is applied between layers, not after the last (callers decide what reads the top ``h``).
+    Shared by the captioning decoder and the character language model.
+    """
+    hs, cs = [], []
+    for i, cell in enumerate(cells):
+        if isinstance(cell, nn.LSTMCell):
+            h, c = cell(x, (state.h[i], state.c[i]))  # (B, H) each
+            cs.append(c)
+        else:
+            h = cell(x, state.h[i])  # (B, H)
+        hs.append(h)
+        x = dropout(h) if i + 1 < len(cells) else h
+    return State(torch.stack(hs), torch.stack(cs) if cs else state.c)  # (num_layers, B, H)
+
+
 class StepOutput(NamedTuple):
     """One decoding step: word log-probabilities, attention, the new state, and hard-attention extras."""
 
@@ -197,16 +215,7 @@ class AttentionDecoder(nn.Module):
 
     def _run_cells(self, x: Tensor, state: State) -> State:
         """One step of the stacked cells on input x (B, in); dropout between layers."""
-        hs, cs = [], []
-        for i, cell in enumerate(self.cells):
-            if self.cell_type == "lstm":
-                h, c = cell(x, (state.h[i], state.c[i]))
-                cs.append(c)
-            else:
-                h = cell(x, state.h[i])
-            hs.append(h)
-            x = self.dropout(h) if i + 1 < self.num_layers else h
-        return State(torch.stack(hs), torch.stack(cs) if cs else state.c)
+        return step_cells(self.cells, x, state, self.dropout)
 
     def forward(self, features: Tensor, captions: Tensor, lengths: Tensor | None = None, attend: str | None = None,
                 image_of: Tensor | None = None) -> DecoderOutput:
