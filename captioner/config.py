@@ -142,6 +142,34 @@ class DecodeConfig:
 
 
 @dataclass
+class SCSTConfig:
+    """Self-critical sequence training after (or instead of) the cross-entropy stage (``scst.*``).
+
+    Sample ``samples`` captions per image, reward each with CIDEr-D against the image's training
+    references (document frequencies from the training split), subtract a baseline and follow
+    REINFORCE (Rennie et al. 2017; the ``mean`` baseline is Luo 2020's). Off while ``epochs`` is 0.
+    """
+
+    epochs: int = 0  # SCST epochs after the cross-entropy stage (0: no SCST stage)
+    samples: int = 5  # captions sampled per image
+    baseline: str = "greedy"  # greedy (reward of the greedy caption) | mean (of the image's other samples)
+    max_len: int = 16  # words per sampled (and greedy) caption
+    temperature: float = 1.0
+    entropy_weight: float = 0.0  # weight of the mean per-step entropy bonus
+    include_end: bool = True  # count <end> as a word in the reward (SacreEOS: no reward for fragments)
+    bleu4_weight: float = 0.0  # reward = CIDEr-D + weight * BLEU-4
+    block_bad_endings: bool = False  # sample only captions that do not end on a, the, of, ...
+    normalise: str = "tokens"  # tokens | samples: the loss's denominator
+    hard_attend: str = "expected"  # hard attention's context while sampling
+    lr: float = 5e-5  # Adam, constant after warm-up
+    warmup_steps: int = 0
+    batch_size: Optional[int] = None  # images per SCST batch (None: data.batch_size)
+    max_minutes: Optional[float] = None  # wall time reserved for the SCST stage (the cross-entropy stage stops earlier)
+    val_metric: str = "CIDEr-D"
+    patience: int = 3
+
+
+@dataclass
 class TrainConfig:
     """The training job (``conf/train.yaml``)."""
 
@@ -151,6 +179,11 @@ class TrainConfig:
     optim: OptimConfig = MISSING
     decode: DecodeConfig = MISSING
     loss: LossConfig = field(default_factory=LossConfig)
+    scst: SCSTConfig = field(default_factory=SCSTConfig)
+    task: str = "caption"  # caption | vqa (question answering on the shapes world)
+    init_from: Optional[str] = None  # start from this checkpoint's weights (with scst.epochs > 0: skip cross-entropy)
+    logger: str = "jsonl"  # jsonl (metrics.jsonl + train_log.jsonl) | tensorboard (the same, plus an events file)
+    val_examples: int = 4  # val images whose caption and attention grid are logged each epoch (tensorboard)
     seed: int = 0
     epochs: int = 10
     max_minutes: Optional[float] = None  # stop training after this wall time (then test on the best checkpoint)
@@ -169,6 +202,7 @@ class TrainConfig:
     localisation: bool = True  # attention localisation on the test split where boxes exist
     test: bool = True
     test_beam_sizes: list[int] = field(default_factory=list)  # also test with these beam sizes ("beam5/BLEU-4", ...)
+    test_block_bad_endings: bool = False  # also test the widest test beam with decode.block_bad_endings ("blocked/...")
 
 
 @dataclass

@@ -76,10 +76,10 @@ def train_main() -> None:
 
     def task(cfg) -> None:
         from captioner.distributed import shutdown
-        from captioner.training.loop import train
+        from captioner.training.tasks import run
 
         try:
-            results = train(cfg)
+            results = run(cfg)
         finally:
             shutdown()
         if int(os.environ.get("RANK", "0")) == 0:

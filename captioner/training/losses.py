@@ -69,3 +69,30 @@ class CaptionObjective:
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if self.baseline is not None and state is not None:
             self.baseline.load_state_dict(state)
+
+
+class SCSTObjective:
+    """Self-critical sequence training's loss of a step (``training.scst``), called like :class:`CaptionObjective`.
+
+    ``batch["index"]`` says which training image each row is, so the reward (CIDEr-D against that
+    image's references, prepared once in ``reward``) needs no captions from the loader. Under data
+    parallelism the per-token loss is rescaled to the global batch's token count, as for cross-entropy.
+    """
+
+    def __init__(self, cfg: Any, reward: Any):
+        self.cfg, self.reward = cfg, reward
+
+    def __call__(self, model: Any, batch: dict[str, Tensor], epoch: int, info: Any = None) -> dict[str, Tensor]:
+        from captioner.training.scst import scst_step_loss
+
+        losses = scst_step_loss(model, batch["images"], batch["index"], self.reward, self.cfg)
+        if info is not None and info.enabled and self.cfg.normalise == "tokens":
+            local = losses["length"].detach() * batch["index"].numel() * self.cfg.samples  # tokens of this rank's samples
+            losses["loss"] = losses["loss"] * (float(local) / global_token_count(local, info))
+        return losses
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        pass

@@ -20,6 +20,7 @@ class Progress:
     batch: int = 0
     totals: dict[str, float] | None = None
     global_step: int = 0
+    stage: str = "xe"  # xe (cross-entropy) | scst
 
 
 def rng_state() -> dict[str, Any]:
