@@ -26,6 +26,7 @@ from captioner.data.datasets import ImagesOnly, collate_images, pad_captions
 from captioner.data.sources import DatasetError, ImageRecord
 from captioner.data.vocab import Vocabulary
 from captioner.decoding import Caption, decode
+from captioner.decoding.constraints import bad_ending_rate
 from captioner.distributed import DistInfo, gather_objects
 from captioner.metrics.localisation import localisation_scores
 from captioner.models.captioner import Captioner
@@ -57,6 +58,9 @@ def evaluate(model: Captioner, split: SplitData, vocab: Vocabulary, decode_cfg: 
     caps = decode_split(model, split.store, vocab, decode_cfg, batch_size, device, progress, info)
     hyps = {r.image_id: c.text for r, c in zip(split.records, caps)}
     metrics: dict[str, float] = coco_metrics(references(split.records), hyps, meteor=meteor)
+    # how varied the captions are, and how many end on a fragment word ("... in front of a")
+    metrics["distinct_captions"] = len(set(hyps.values()))
+    metrics["bad_endings"] = bad_ending_rate(hyps.values())
     if localisation and (info is None or info.is_main):
         loc = attention_localisation(model, split.records, split.store, vocab, batch_size, device, max_caption_len)
         if loc:

@@ -3,6 +3,10 @@
 The exhaustive reference scores every caption of at most MAX_LEN words followed by <end>. With
 K = EXHAUSTIVE_K every extension at every step is among the K best, so beam search finishes all of them
 too and never needs its unfinished fallback (tested separately, with <end> made impossible).
+
+Word masks (captioner/decoding/constraints.py) are checked the same way: the reference enumerates every
+caption with the model's true log-probabilities and then keeps only the allowed ones (no <unk> unless
+allowed; with block_bad_endings, no caption whose last word is a bad ending), never renormalising.
 """
 
 from __future__ import annotations
@@ -15,13 +19,19 @@ from torch import Tensor
 
 from captioner.config import DecodeConfig
 from captioner.data.vocab import SPECIALS, Vocabulary
-from captioner.decoding import Caption, beam_search, decode, decode_nbest, greedy_decode, length_penalties, sample_decode
+from captioner.decoding import (
+    BAD_ENDINGS, Caption, DecodeMask, bad_ending_rate, beam_search, decode, decode_nbest, greedy_decode, length_penalties,
+    sample_decode,
+)
 from captioner.decoding.sample import sample_words
 from captioner.models.decoder import AttentionDecoder
 
 V, L, D, MAX_LEN = 6, 4, 6, 3
 VOCAB = Vocabulary(list(SPECIALS) + [f"w{i}" for i in range(V - len(SPECIALS))])
-END = VOCAB.end_id
+END, UNK = VOCAB.end_id, VOCAB.unk_id
+# The same ids with a bad-ending word: "the" (id 4) may not end a caption under block_bad_endings.
+BAD_VOCAB = Vocabulary(list(SPECIALS) + ["the", "dog"])
+THE = BAD_VOCAB.index["the"]
 # Large enough that every candidate of every step is among the K best: at step t there are
 # (V-1)^t live prefixes x V extensions, so beam search then examines every sequence.
 EXHAUSTIVE_K = (V - 1) ** MAX_LEN * V
@@ -94,29 +104,63 @@ def rescore(decoder: AttentionDecoder, features: Tensor, tokens: list[int], fini
     return total, torch.stack(rows[: len(tokens)]) if tokens else torch.zeros(0, L)
 
 
-def check_attention(c: Caption) -> None:
+def check_attention(c: Caption, vocab: Vocabulary = VOCAB) -> None:
     """One attention row per word, each a distribution over the L locations."""
     assert c.attention.shape == (len(c.tokens), L)
     if c.tokens:
         torch.testing.assert_close(c.attention.sum(-1), torch.ones(len(c.tokens)), atol=1e-5, rtol=0)
-    assert c.words == [VOCAB.words[i] for i in c.tokens]
+    assert c.words == [vocab.words[i] for i in c.tokens]
 
 
 # --------------------------------------------------------------------------------------------------
 # Beam search against exhaustive enumeration
+def allowed(seq: tuple[int, ...], allow_unk: bool = False, block_bad_endings: bool = False) -> bool:
+    """The masks' definition, written independently: no <unk> (unless allowed); no bad last word (if blocked)."""
+    if not allow_unk and UNK in seq:
+        return False
+    return not (block_bad_endings and seq and BAD_VOCAB.words[seq[-1]] in BAD_ENDINGS)
+
+
 @pytest.mark.parametrize("penalty", ["none", "average", "gnmt"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_beam_with_large_k_equals_exhaustive_search(seed: int, penalty: str) -> None:
+    """Default decoding (<unk> suppressed) = the best captions without <unk>, by their true log-probabilities."""
     decoder, feats = tiny_decoder(seed), tiny_features(seed, batch=2)
     beams = beam_search(decoder, feats, VOCAB, beam_size=EXHAUSTIVE_K, max_len=MAX_LEN, length_penalty=penalty, n_best=3)
     for b in range(2):
-        scored = enumerate_finished(decoder, feats[b : b + 1], MAX_LEN)
+        scored = {s: v for s, v in enumerate_finished(decoder, feats[b : b + 1], MAX_LEN).items() if UNK not in s}
         lp = length_penalties(MAX_LEN + 1, penalty, 0.7)
         ranked = sorted(scored, key=lambda s: scored[s] / lp[len(s) + 1], reverse=True)[:3]
         assert [tuple(c.tokens) for c in beams[b]] == ranked
         for c, seq in zip(beams[b], ranked):
             assert c.finished and c.score == pytest.approx(scored[seq], abs=1e-5)
             check_attention(c)
+
+
+@pytest.mark.parametrize("allow_unk, block", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("penalty", ["none", "average"])
+def test_masked_beam_equals_exhaustive_search_over_allowed_captions(allow_unk: bool, block: bool, penalty: str) -> None:
+    """Beam search under the masks = enumerate every caption, keep the allowed ones, rank by true log-probability."""
+    # <unk> and "the" made likely, so that the unconstrained best captions contain <unk> / end on "the".
+    decoder, feats = tiny_decoder(3), tiny_features(3, batch=3)
+    with torch.no_grad():
+        decoder.out.bias[UNK] += 1.5
+        decoder.out.bias[THE] += 1.0
+    lp = length_penalties(MAX_LEN + 1, penalty, 0.7)
+    beams = beam_search(decoder, feats, BAD_VOCAB, beam_size=EXHAUSTIVE_K, max_len=MAX_LEN, length_penalty=penalty, n_best=4,
+                        allow_unk=allow_unk, block_bad_endings=block)
+    changed = 0
+    for b in range(3):
+        everything = enumerate_finished(decoder, feats[b : b + 1], MAX_LEN)
+        scored = {s: v for s, v in everything.items() if allowed(s, allow_unk, block)}
+        ranked = sorted(scored, key=lambda s: scored[s] / lp[len(s) + 1], reverse=True)[:4]
+        default = sorted((s for s in everything if allowed(s)), key=lambda s: everything[s] / lp[len(s) + 1], reverse=True)[:4]
+        changed += ranked != default
+        assert [tuple(c.tokens) for c in beams[b]] == ranked
+        for c, seq in zip(beams[b], ranked):
+            assert c.finished and c.score == pytest.approx(scored[seq], abs=1e-5)  # the true log-prob, not renormalised
+            check_attention(c, BAD_VOCAB)
+    assert changed, "these masks rank as the default ones do: the test model is too easy"
 
 
 def test_no_repeat_ngram_equals_exhaustive_search_without_repeats() -> None:
@@ -129,7 +173,7 @@ def test_no_repeat_ngram_equals_exhaustive_search_without_repeats() -> None:
         beams = beam_search(decoder, feats, VOCAB, no_repeat_ngram=n, **kw)
         for b in range(2):
             scored = enumerate_finished(decoder, feats[b : b + 1], MAX_LEN)
-            seq, score = best_by({s: v for s, v in scored.items() if not has_repeat(s, n)}, "average")
+            seq, score = best_by({s: v for s, v in scored.items() if not has_repeat(s, n) and UNK not in s}, "average")
             assert tuple(beams[b][0].tokens) == seq and beams[b][0].score == pytest.approx(score, abs=1e-5)
 
 
@@ -269,6 +313,148 @@ def test_sample_words_keeps_exactly_the_top_k_and_the_nucleus() -> None:
     assert float((words == 1).float().mean()) == pytest.approx(0.5 / 0.75, abs=0.04)  # renormalised over the two kept
     hot = sample_words(log_probs, 100.0, 0, 1.0, generator)  # a high temperature flattens towards uniform
     assert float((hot == 0).float().mean()) == pytest.approx(0.25, abs=0.04)
+
+
+# --------------------------------------------------------------------------------------------------
+# Word masks in greedy and sampling, the unfinished fallback, and the dispatch of the switches
+def chatty_decoder(seed: int, attention: str = "soft", end_bias: float = 0.0) -> AttentionDecoder:
+    """tiny_decoder with <unk> and "the" (BAD_VOCAB) made likely, so the masks have something to do."""
+    decoder = tiny_decoder(seed, attention=attention, end_bias=end_bias)
+    with torch.no_grad():
+        decoder.out.bias[UNK] += 1.5
+        decoder.out.bias[THE] += 1.5
+    return decoder
+
+
+@torch.no_grad()
+def reference_greedy(decoder: AttentionDecoder, features: Tensor, max_len: int, allow_unk: bool, block: bool,
+                     attend: str = "expected") -> tuple[list[int], float, bool]:
+    """Greedy decoding of one image (1, L, D) with the masks' rules spelled out word by word."""
+    memory = decoder.init_memory(features)
+    state = decoder.init_state(memory)
+    prev, tokens, total = VOCAB.start_id, [], 0.0
+    bad = {w for w in range(V) if BAD_VOCAB.words[w] in BAD_ENDINGS}
+    for t in range(max_len + 1):
+        out = decoder.step(torch.tensor([prev]), state, memory, attend=attend)
+        lp = out.log_probs[0]
+        choices = [w for w in range(V) if (allow_unk or w != UNK)
+                   and not (block and w == END and tokens and tokens[-1] in bad)  # no <end> after a bad word
+                   and not (block and t == max_len - 1 and w in bad)]  # the max_len-th word may not be bad
+        w = max(choices, key=lambda w: float(lp[w]))
+        if w == END:
+            return tokens, total + float(lp[w]), True
+        if t == max_len:
+            return tokens, total, False  # an unfinished caption is scored by its words only
+        tokens.append(w)
+        total += float(lp[w])
+        prev, state = w, out.state
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+@pytest.mark.parametrize("end_bias", [0.0, -2.0, -30.0])
+def test_masked_greedy_follows_the_rules_and_beam_of_one_is_still_greedy(attention: str, end_bias: float) -> None:
+    attend = "argmax" if attention == "hard" else "expected"
+    seen_unk = seen_bad = 0
+    for seed in range(3):
+        decoder, feats = chatty_decoder(seed, attention, end_bias), tiny_features(seed, batch=5)
+        for allow_unk, block in [(False, False), (True, False), (False, True), (True, True)]:
+            kw = dict(max_len=4, attend=attend, allow_unk=allow_unk, block_bad_endings=block)
+            greedy = greedy_decode(decoder, feats, BAD_VOCAB, **kw)
+            beam = beam_search(decoder, feats, BAD_VOCAB, beam_size=1, **kw)
+            for b, (g, (bm,)) in enumerate(zip(greedy, beam)):
+                tokens, score, finished = reference_greedy(decoder, feats[b : b + 1], 4, allow_unk, block, attend)
+                assert (g.tokens, g.finished) == (tokens, finished), (seed, allow_unk, block, b)
+                assert g.score == pytest.approx(score, abs=1e-5)
+                assert (bm.tokens, bm.finished, bm.locations) == (g.tokens, g.finished, g.locations)
+                assert bm.score == pytest.approx(g.score, abs=1e-5)
+                if not allow_unk:
+                    assert UNK not in g.tokens
+                if block:
+                    assert not g.tokens or g.tokens[-1] != THE
+                seen_unk += allow_unk and UNK in g.tokens
+                seen_bad += not block and bool(g.tokens) and g.tokens[-1] == THE
+    assert seen_unk and (seen_bad or end_bias < -10), "the switches never mattered: the test model is too easy"
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_unfinished_captions_do_not_end_badly_either(attention: str) -> None:
+    """With <end> impossible every caption stops at max_len words: the last of them is never a bad ending."""
+    decoder, feats = chatty_decoder(4, attention, end_bias=-1e4), tiny_features(4, batch=6)
+    with torch.no_grad():
+        decoder.out.bias[THE] += 3.0  # "the" is everywhere the most likely word
+    kw = dict(max_len=4, block_bad_endings=True)
+    runs = {"greedy": greedy_decode(decoder, feats, BAD_VOCAB, **kw),
+            "sample": sample_decode(decoder, feats, BAD_VOCAB, seed=0, **kw),
+            "beam": [c for n in beam_search(decoder, feats, BAD_VOCAB, beam_size=3, n_best=3, **kw) for c in n]}
+    for name, caps in runs.items():
+        for c in caps:
+            assert not c.finished and len(c.tokens) == 4, name
+            assert c.tokens[-1] != THE and UNK not in c.tokens, (name, c.words)
+            assert c.score > -1e3  # the impossible <end> is not in the score
+    assert all(c.tokens[-1] == THE for c in greedy_decode(decoder, feats, BAD_VOCAB, max_len=4))  # without the switch they do
+
+
+def test_sampling_obeys_the_masks_and_reports_true_log_probs() -> None:
+    decoder, feats = chatty_decoder(6), tiny_features(6, batch=32)
+    free = sample_decode(decoder, feats, BAD_VOCAB, max_len=5, seed=0, allow_unk=True, temperature=1.5)
+    assert any(UNK in c.tokens for c in free) and any(c.tokens and c.tokens[-1] == THE for c in free)
+    for kw in [dict(temperature=1.5), dict(temperature=1.5, top_k=3), dict(top_p=0.8)]:
+        caps = sample_decode(decoder, feats, BAD_VOCAB, max_len=5, seed=0, block_bad_endings=True, **kw)
+        assert len({tuple(c.tokens) for c in caps}) > 4, kw  # really sampling
+        for b, c in enumerate(caps):
+            assert UNK not in c.tokens and (not c.tokens or c.tokens[-1] != THE), (kw, c.words)
+            score, attention = rescore(decoder, feats[b : b + 1], c.tokens, c.finished)
+            assert c.score == pytest.approx(score, abs=1e-4)  # not renormalised over the allowed words
+            torch.testing.assert_close(c.attention, attention, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_decode_config_switches_reach_every_strategy(strategy: str) -> None:
+    decoder, feats = chatty_decoder(7), tiny_features(7, batch=16)
+    base = DecodeConfig(strategy=strategy, max_len=5, beam_size=3, n_best=2, temperature=1.5)
+    assert base.allow_unk is False and base.block_bad_endings is False  # the defaults
+    masked = DecodeConfig(**{**base.__dict__, "block_bad_endings": True})
+    free = DecodeConfig(**{**base.__dict__, "allow_unk": True})
+    for caps in (decode(decoder, feats, BAD_VOCAB, masked), [c for n in decode_nbest(decoder, feats, BAD_VOCAB, masked) for c in n]):
+        assert all(UNK not in c.tokens and (not c.tokens or c.tokens[-1] != THE) for c in caps)
+    assert all(UNK not in c.tokens for c in decode(decoder, feats, BAD_VOCAB, base))
+    unk_free = [c for n in decode_nbest(decoder, feats, BAD_VOCAB, free) for c in n]
+    assert any(UNK in c.tokens for c in unk_free)
+    ends_the = [c for n in decode_nbest(decoder, feats, BAD_VOCAB, base) for c in n]
+    assert any(c.tokens and c.tokens[-1] == THE for c in ends_the)
+
+
+def test_decode_mask_apply() -> None:
+    vocab = Vocabulary(list(SPECIALS) + ["the", "dog", "of"])
+    the, dog, of = (vocab.index[w] for w in ("the", "dog", "of"))
+    log_probs = torch.log_softmax(torch.randn(3, len(vocab), generator=torch.Generator().manual_seed(0)), dim=-1)  # (3, V)
+    prev = torch.tensor([vocab.start_id, the, dog])
+    before = log_probs.clone()
+    out = DecodeMask(vocab, block_bad_endings=True).apply(log_probs, prev, t=1, max_len=5)
+    assert torch.equal(log_probs, before)  # the caller's tensor is untouched
+    assert torch.isneginf(out[:, UNK]).all()
+    assert torch.isneginf(out[:, END]).tolist() == [False, True, False]  # no <end> right after "the"
+    keep = torch.isfinite(out)
+    assert torch.equal(out[keep], log_probs[keep])  # allowed words keep their true log-probabilities
+    last = DecodeMask(vocab, block_bad_endings=True).apply(log_probs, prev, t=4, max_len=5)  # the 5th (last) word
+    assert torch.isneginf(last[:, [the, of]]).all() and torch.isfinite(last[:, dog]).all()
+    assert torch.equal(DecodeMask(vocab, allow_unk=True).apply(log_probs, prev, 1, 5), log_probs)  # nothing to mask
+    # A row with nothing allowed (a model that never says <pad>/<start>, after a bad word, at the last word) gets <end> back.
+    stuck = log_probs.clone()
+    stuck[:, [vocab.pad_id, vocab.start_id, dog]] = float("-inf")
+    out = DecodeMask(vocab, block_bad_endings=True).apply(stuck, prev, t=4, max_len=5)
+    assert out[1, END] == log_probs[1, END] and torch.isneginf(out[1, :END]).all() and torch.isneginf(out[1, END + 1 :]).all()
+
+
+def test_bad_endings_list_and_rate() -> None:
+    for w in ("a", "an", "the", "of", "with", "in", "on", "and", "his", "their", "'s"):
+        assert w in BAD_ENDINGS
+    for w in ("dog", "up", "down", "her", "this", "outside", "water"):  # nouns, and words that end sentences normally
+        assert w not in BAD_ENDINGS
+    caps = ["a dog runs on the", "a man riding a horse.", "two dogs play in", "A cat and", "", "a man 's", "a dog looking up"]
+    assert bad_ending_rate(caps) == pytest.approx(4 / 7)  # punctuation and case do not matter (the metrics' tokenizer)
+    assert bad_ending_rate([]) == 0.0 and bad_ending_rate(["a red ball"]) == 0.0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 ``decode`` gives one caption per image (what validation, evaluation and the captioner use);
 ``decode_nbest`` gives a ranked list per image (beam search's n best, or several samples).
+Every strategy applies the same word masks (:mod:`captioner.decoding.constraints`): ``<unk>`` is
+suppressed unless ``cfg.allow_unk``, and ``cfg.block_bad_endings`` keeps captions from ending on
+"a", "the", "of", ...
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from torch import Tensor
 from captioner.data.vocab import Vocabulary
 from captioner.decoding.beam import LENGTH_PENALTIES, beam_search, length_penalties
 from captioner.decoding.caption import Caption
+from captioner.decoding.constraints import BAD_ENDINGS, DecodeMask, bad_ending_rate
 from captioner.decoding.greedy import greedy_decode
 from captioner.decoding.sample import sample_decode
 from captioner.models.decoder import AttentionDecoder
 
 __all__ = [
-    "LENGTH_PENALTIES", "STRATEGIES", "Caption", "beam_search", "decode", "decode_nbest", "greedy_decode",
-    "length_penalties", "sample_decode",
+    "BAD_ENDINGS", "LENGTH_PENALTIES", "STRATEGIES", "Caption", "DecodeMask", "bad_ending_rate", "beam_search", "decode",
+    "decode_nbest", "greedy_decode", "length_penalties", "sample_decode",
 ]
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -32,7 +36,7 @@ def decode(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary, cfg: 
     if cfg.strategy == "sample":
         return _sample(decoder, features, vocab, cfg)
     if cfg.strategy == "greedy":
-        return greedy_decode(decoder, features, vocab, max_len=cfg.max_len, attend=cfg.hard_attend)
+        return greedy_decode(decoder, features, vocab, max_len=cfg.max_len, attend=cfg.hard_attend, **_masks(cfg))
     raise ValueError(f"unknown decoding strategy {cfg.strategy!r}; available: {', '.join(STRATEGIES)}")
 
 
@@ -57,12 +61,17 @@ def decode_nbest(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary,
 def _beam(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary, cfg: Any, n_best: int) -> list[list[Caption]]:
     return beam_search(
         decoder, features, vocab, beam_size=cfg.beam_size, max_len=cfg.max_len, length_penalty=cfg.length_penalty,
-        alpha=cfg.alpha, no_repeat_ngram=cfg.no_repeat_ngram, n_best=n_best, attend=cfg.hard_attend,
+        alpha=cfg.alpha, no_repeat_ngram=cfg.no_repeat_ngram, n_best=n_best, attend=cfg.hard_attend, **_masks(cfg),
     )
 
 
 def _sample(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary, cfg: Any) -> list[Caption]:
     return sample_decode(
         decoder, features, vocab, max_len=cfg.max_len, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, seed=cfg.seed, attend=cfg.hard_attend,
+        top_p=cfg.top_p, seed=cfg.seed, attend=cfg.hard_attend, **_masks(cfg),
     )
+
+
+def _masks(cfg: Any) -> dict[str, bool]:
+    """The word-mask switches of a DecodeConfig (defaults for configs that predate them)."""
+    return {"allow_unk": bool(getattr(cfg, "allow_unk", False)), "block_bad_endings": bool(getattr(cfg, "block_bad_endings", False))}

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from captioner.data.vocab import Vocabulary
 from captioner.decoding.caption import Caption
+from captioner.decoding.constraints import DecodeMask
 from captioner.models.decoder import AttentionDecoder
 
 LENGTH_PENALTIES = ("none", "average", "gnmt")
@@ -68,8 +69,13 @@ def beam_search(
     no_repeat_ngram: int = 0,
     n_best: int = 1,
     attend: str = "expected",
+    allow_unk: bool = False,
+    block_bad_endings: bool = False,
 ) -> list[list[Caption]]:
-    """Beam search for features (B, L, D): per image, its ``n_best`` captions, best first (see module docstring)."""
+    """Beam search for features (B, L, D): per image, its ``n_best`` captions, best first (see module docstring).
+
+    ``allow_unk`` / ``block_bad_endings``: the word masks of :mod:`captioner.decoding.constraints`.
+    """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if not 1 <= n_best <= beam_size:
@@ -83,6 +89,7 @@ def beam_search(
     dev, end, ninf = features.device, vocab.end_id, float("-inf")
     lp = length_penalties(T, length_penalty, alpha)
     hard = decoder.attention_type == "hard"
+    mask = DecodeMask(vocab, allow_unk=allow_unk, block_bad_endings=block_bad_endings)
 
     memory = decoder.init_memory(features)  # (B, L, D), (B, L, A) projected once per image
     state = decoder.init_state(memory)  # (layers, B, H)
@@ -115,6 +122,7 @@ def beam_search(
         n = img.numel()
         out = decoder.step(prev, state, memory, attend=attend)
         log_probs, alpha, location, next_state = out.log_probs, out.alpha, out.location, out.state  # (n*K, ·); (B, ·) at t=0
+        log_probs = mask.apply(log_probs, prev, t, max_len)  # (n*K, V) banned choices at -inf, true log-probs elsewhere
         if t == 0:
             log_probs, alpha = log_probs.index_select(0, expand), alpha.index_select(0, expand)  # (B*K, V), (B*K, L)
             location = location.index_select(0, expand) if location is not None else None  # (B*K,)

@@ -17,7 +17,7 @@ class Caption:
 
     tokens: list[int]
     words: list[str]
-    score: float  # sum of log-probabilities of the tokens and the final <end> (if emitted)
+    score: float  # the model's (unmasked) log-probabilities of the tokens and the final <end> (if emitted), summed
     attention: Tensor  # (T, L)
     finished: bool = True  # False when max_len was reached before <end>
     locations: list[int] | None = None

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from captioner.data.vocab import Vocabulary
 from captioner.decoding.caption import Caption
+from captioner.decoding.constraints import DecodeMask
 from captioner.models.decoder import AttentionDecoder
 
 # Chooses the next word of every row from the model's log-probabilities (B, V): returns the words (B,)
@@ -22,14 +23,21 @@ def _argmax(log_probs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def greedy_decode(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary, max_len: int = 30, attend: str = "expected") -> list[Caption]:
-    """Argmax word at every step for features (B, L, D); stops each row at <end> or ``max_len`` words."""
-    return rollout(decoder, features, vocab, _argmax, max_len=max_len, attend=attend)
+def greedy_decode(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary, max_len: int = 30, attend: str = "expected",
+                  allow_unk: bool = False, block_bad_endings: bool = False) -> list[Caption]:
+    """Argmax allowed word at every step for features (B, L, D); stops each row at <end> or ``max_len`` words.
+
+    ``allow_unk`` / ``block_bad_endings``: the word masks of :mod:`captioner.decoding.constraints`.
+    """
+    mask = DecodeMask(vocab, allow_unk=allow_unk, block_bad_endings=block_bad_endings)
+    return rollout(decoder, features, vocab, _argmax, max_len=max_len, attend=attend, mask=mask)
 
 
 @torch.no_grad()
-def rollout(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary, pick: Picker, max_len: int = 30, attend: str = "expected") -> list[Caption]:
-    """One word per row per step, chosen by ``pick``, until every row has emitted <end> or ``max_len`` words."""
+def rollout(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary, pick: Picker, max_len: int = 30, attend: str = "expected",
+            mask: DecodeMask | None = None) -> list[Caption]:
+    """One word per row per step, chosen by ``pick`` among what ``mask`` allows (default: no <unk>), until <end> or ``max_len`` words."""
+    mask = mask if mask is not None else DecodeMask(vocab)
     B = features.size(0)
     if B == 0:
         return []
@@ -44,7 +52,7 @@ def rollout(decoder: AttentionDecoder, features: Tensor, vocab: Vocabulary, pick
     steps = 0
     for t in range(max_len + 1):  # max_len words plus a final <end>
         out = decoder.step(prev, state, memory, attend=attend)
-        prev, logp = pick(out.log_probs)  # (B,), (B,)
+        prev, logp = pick(mask.apply(out.log_probs, prev, t, max_len))  # (B,), (B,)
         words[:, t], scores[:, t], alphas[:, t] = prev, logp, out.alpha
         if out.location is not None:
             locs[:, t] = out.location

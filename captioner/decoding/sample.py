@@ -9,6 +9,7 @@ from torch import Tensor
 
 from captioner.data.vocab import Vocabulary
 from captioner.decoding.caption import Caption
+from captioner.decoding.constraints import DecodeMask
 from captioner.decoding.greedy import greedy_decode, rollout
 from captioner.models.decoder import AttentionDecoder
 
@@ -45,12 +46,16 @@ def sample_decode(
     top_p: float = 1.0,
     seed: int = 0,
     attend: str = "expected",
+    allow_unk: bool = False,
+    block_bad_endings: bool = False,
 ) -> list[Caption]:
     """Sample each word from the filtered, tempered distribution; temperature 0 is argmax (greedy).
 
     Draws come from a local ``torch.Generator`` seeded with ``seed``: the same call returns the same
     captions and the global RNG is left as it was. A caption's score is the sum of the model's own
     (untempered, unfiltered) log-probabilities of its words and <end>, as for greedy and beam search.
+    Words are drawn only among those the masks allow (``allow_unk``, ``block_bad_endings``: see
+    :mod:`captioner.decoding.constraints`), renormalised over them.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -59,7 +64,9 @@ def sample_decode(
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if temperature == 0:
-        return greedy_decode(decoder, features, vocab, max_len=max_len, attend=attend)
+        return greedy_decode(decoder, features, vocab, max_len=max_len, attend=attend, allow_unk=allow_unk,
+                             block_bad_endings=block_bad_endings)
+    mask = DecodeMask(vocab, allow_unk=allow_unk, block_bad_endings=block_bad_endings)
     generator = torch.Generator(device=features.device)
     generator.manual_seed(seed)
 
@@ -82,4 +89,4 @@ def sample_decode(
                 torch.cuda.default_generators[index].manual_seed(seed)
             else:
                 torch.random.default_generator.manual_seed(seed)
-        return rollout(decoder, features, vocab, pick, max_len=max_len, attend=attend)
+        return rollout(decoder, features, vocab, pick, max_len=max_len, attend=attend, mask=mask)
