@@ -168,6 +168,17 @@ class SCSTConfig:
     val_metric: str = "CIDEr-D"
     patience: int = 3
 
+    def __post_init__(self) -> None:
+        if self.baseline not in ("greedy", "mean"):
+            raise ConfigError(f"scst.baseline must be greedy or mean, got {self.baseline!r}")
+        if self.normalise not in ("tokens", "samples"):
+            raise ConfigError(f"scst.normalise must be tokens or samples, got {self.normalise!r}")
+        if self.samples < (2 if self.baseline == "mean" else 1):
+            raise ConfigError(f"scst.samples must be >= {2 if self.baseline == 'mean' else 1} for baseline "
+                              f"{self.baseline!r}, got {self.samples}")
+        if self.max_len < 1 or self.temperature <= 0:
+            raise ConfigError(f"scst.max_len must be >= 1 and scst.temperature > 0; got {self.max_len}, {self.temperature}")
+
 
 @dataclass
 class TrainConfig:
@@ -216,6 +227,7 @@ class EvaluateConfig:
     split: str = "test"
     meteor: bool = False  # needs Java and pycocoevalcap
     localisation: bool = True
+    html: Optional[str] = None  # also write the split's results page into this directory (worst CIDEr-D first)
     device: str = "auto"
     threads: Optional[int] = None
     output_dir: str = MISSING

@@ -7,6 +7,7 @@ style: it takes a model and a split and returns metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -42,22 +43,25 @@ class Evaluation:
 
     metrics: dict[str, float]
     captions: list[Caption]
+    per_image: dict[str, dict[str, float]] | None = None  # image id -> its metrics (with ``per_image=True``)
 
 
 def evaluate(model: Captioner, split: SplitData, vocab: Vocabulary, decode_cfg: DecodeConfig, *, batch_size: int,
              device: torch.device, localisation: bool = False, meteor: bool = False, results_file: str | Path | None = None,
-             info: Any = None, progress: bool = False, max_caption_len: int = 30) -> Evaluation:
+             info: Any = None, progress: bool = False, max_caption_len: int = 30, per_image: bool = False) -> Evaluation:
     """Decode every image of ``split`` with ``decode_cfg``, score against its references, return metrics and captions.
 
     ``localisation``: also the attention localisation under teacher forcing (shapes-world boxes needed;
     skipped otherwise). ``results_file``: write the captions in COCO results format. Under data
-    parallelism each rank decodes a share and every rank gets the same metrics.
+    parallelism each rank decodes a share and every rank gets the same metrics. ``per_image``: also
+    each image's own scores (for the results page's worst-first order).
     """
     from captioner.metrics import evaluate as coco_metrics
 
     caps = decode_split(model, split.store, vocab, decode_cfg, batch_size, device, progress, info)
     hyps = {r.image_id: c.text for r, c in zip(split.records, caps)}
-    metrics: dict[str, float] = coco_metrics(references(split.records), hyps, meteor=meteor)
+    metrics: dict[str, Any] = coco_metrics(references(split.records), hyps, meteor=meteor, per_image=per_image)
+    images = metrics.pop("per_image", None)
     # how varied the captions are, and how many end on a fragment word ("... in front of a")
     metrics["distinct_captions"] = len(set(hyps.values()))
     metrics["bad_endings"] = bad_ending_rate(hyps.values())
@@ -68,7 +72,7 @@ def evaluate(model: Captioner, split: SplitData, vocab: Vocabulary, decode_cfg: 
     if results_file is not None and (info is None or info.is_main):
         coco = [{"image_id": r.image_id, "caption": c.text} for r, c in zip(split.records, caps)]
         atomic_write_text(results_file, json.dumps(coco, indent=1))
-    return Evaluation(metrics, caps)
+    return Evaluation(metrics, caps, images)
 
 
 @torch.no_grad()
@@ -202,11 +206,26 @@ def evaluate_job(cfg: EvaluateConfig) -> dict[str, Any]:
         split = data.split(cfg.split)
         result = evaluate(model, split, vocab, cfg.decode, batch_size=cfg.data.eval_batch_size, device=device,
                           localisation=cfg.localisation, meteor=cfg.meteor, results_file=out_dir / f"captions_{cfg.split}.json",
-                          progress=cfg.progress, max_caption_len=cfg.data.max_caption_len)
+                          progress=cfg.progress, max_caption_len=cfg.data.max_caption_len, per_image=cfg.html is not None)
         metrics = dict(result.metrics, images=len(split.records))
+        if cfg.html is not None:
+            write_page(cfg, split, result, metrics, model)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     log.info("%s split, %s:\n%s", cfg.split, cfg.checkpoint or cfg.results, format_table(metrics))
     return metrics
+
+
+def write_page(cfg: EvaluateConfig, split: SplitData, result: Evaluation, metrics: dict[str, Any], model: Captioner) -> None:
+    """``html=DIR``: the split's results page, worst CIDEr-D first, with references and the metrics on top."""
+    from captioner.viz.html import write_split_page
+
+    cider = {i: m["CIDEr-D"] for i, m in (result.per_image or {}).items()}
+    hard = model.decoder.attention_type == "hard"
+    captions = result.captions if hard else [dataclasses.replace(c, locations=None) for c in result.captions]
+    meta = {"checkpoint": str(cfg.checkpoint), "split": cfg.split, "decoding": cfg.decode.strategy,
+            "attention": model.decoder.attention_type}
+    page = write_split_page(cfg.html, split.records, captions, cider, metrics, title=f"{cfg.data.name} {cfg.split}", meta=meta)
+    log.info("results page: %s", page)
 
 
 def _score_results_file(cfg: EvaluateConfig) -> dict[str, Any]:

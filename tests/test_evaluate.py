@@ -88,3 +88,26 @@ def test_evaluate_script_unknown_split_is_one_line(tmp_path):
     assert r.returncode == 1
     assert "error: split=dev: data=shapes has no images in that split (it has: train, val, test)" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_evaluate_html_writes_the_split_page_worst_cider_first(tiny_shapes, tiny_checkpoint, tmp_path):
+    import re
+
+    cfg = compose_evaluate([f"checkpoint={tiny_checkpoint}", f"data.root={tiny_shapes}", "data.generate=false",
+                            f"output_dir={tmp_path / 'eval'}", "decode=greedy", "decode.max_len=6", "progress=false",
+                            f"html={tmp_path / 'page'}"])
+    m = evaluate(cfg)
+    page = (tmp_path / "page" / "index.html").read_text(encoding="utf-8")
+    caps = json.loads((tmp_path / "eval" / "captions_test.json").read_text())
+    assert all(c["caption"].split()[0] in page for c in caps if c["caption"])  # every caption is on the page
+    assert f"{m['CIDEr-D']:.3f}"[:4] in page  # the metrics table
+    # per-image CIDEr-D, worst first: the page lists the images in non-decreasing order of their score
+    from captioner.metrics import evaluate as coco
+
+    refs = {r.image_id: r.captions for r in build_data(cfg.data).records["test"]}
+    per = coco(refs, {c["image_id"]: c["caption"] for c in caps}, per_image=True)["per_image"]
+    names = re.findall(r'<h2 class="name">([^<]+)', page)
+    shown = [float(x) for x in re.findall(r"CIDEr-D <b>([0-9.]+)", page)]
+    assert sorted(names) == sorted(per) and len(shown) == len(names)  # every test image, each with its score
+    assert shown == sorted(shown)  # worst first
+    assert shown == pytest.approx([round(per[n]["CIDEr-D"], 3) for n in names], abs=1e-3)

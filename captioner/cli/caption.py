@@ -102,31 +102,32 @@ def _err(msg: str, bar: Any = None) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``captioner-caption``: caption images, print PATH<TAB>CAPTION lines; returns the exit status."""
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parsed and checked arguments (``SystemExit(2)`` with a usage message for a bad combination)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.temperature is not None and not args.sample:
-        parser.error("--temperature only applies with --sample")
-    if args.temperature is not None and args.temperature <= 0:
-        parser.error("--temperature must be > 0")
-    if args.beam is not None and args.beam < 1:
-        parser.error("--beam must be >= 1")
-    if args.max_len < 1 or args.batch_size < 1:
-        parser.error("--max-len and --batch-size must be >= 1")
-    if args.gif and not args.attention_dir:
-        parser.error("--gif needs --attention-dir")
-    if args.n_best < 1:
-        parser.error("--n-best must be >= 1")
-    if args.n_best > 1 and args.greedy:
-        parser.error("--n-best needs --beam or --sample (greedy decoding has one caption)")
-    if args.beam is not None and args.n_best > args.beam:
-        parser.error("--n-best cannot exceed the beam width --beam")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    rules = [
+        (args.temperature is not None and not args.sample, "--temperature only applies with --sample"),
+        (args.temperature is not None and args.temperature <= 0, "--temperature must be > 0"),
+        (args.beam is not None and args.beam < 1, "--beam must be >= 1"),
+        (args.max_len < 1 or args.batch_size < 1, "--max-len and --batch-size must be >= 1"),
+        (args.gif and not args.attention_dir, "--gif needs --attention-dir"),
+        (args.n_best < 1, "--n-best must be >= 1"),
+        (args.n_best > 1 and args.greedy, "--n-best needs --beam or --sample (greedy decoding has one caption)"),
+        (args.beam is not None and args.n_best > args.beam, "--n-best cannot exceed the beam width --beam"),
+        (args.threads is not None and args.threads < 1, "--threads must be >= 1"),
+    ]
+    for broken, message in rules:
+        if broken:
+            parser.error(message)
+    return args
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``captioner-caption``: caption images, print PATH<TAB>CAPTION lines; returns the exit status."""
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         device = pick_device(args.device)
         model, vocab = load_model(args.checkpoint, device)
@@ -141,67 +142,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     reconfigure = getattr(sys.stdout, "reconfigure", None)
     if reconfigure is not None:
         reconfigure(errors="backslashreplace")  # a file name that is not valid UTF-8 must not crash the listing
-
     items = expand_inputs(args.inputs, recursive=args.recursive)
-    show_bar = args.progress if args.progress is not None else (len(items) > args.batch_size and sys.stderr.isatty())
-    from tqdm import tqdm
-
-    writer = None
-    if args.json:
-        try:
-            writer = JsonWriter(args.json, {"checkpoint": str(args.checkpoint), "decode": asdict(cfg)})
-        except OSError as e:
-            _err(f"{args.json}: cannot write the JSON file ({e.strerror or e})")
-            return EXIT_USAGE
-    att_dir = Path(args.attention_dir) if args.attention_dir else None
-    hard = model.decoder.attention_type == "hard"
-    if (att_dir is not None or args.html) and model.decoder.attention_type == "none":
-        print("warning: this model has no attention (Show-and-Tell); its attention maps are uniform", file=sys.stderr)
-    page = None
-    if args.html:
-        try:
-            page = _open_page(args, cfg, model)
-        except OSError as e:
-            _err(f"{args.html}: cannot write the results page ({e.strerror or e})")
-            if writer is not None:
-                writer.abort()
-            return EXIT_USAGE
-    bar = tqdm(total=len(items), desc="captioning", unit="img", file=sys.stderr, disable=not show_bar, dynamic_ncols=True)
-    namer = FigureNamer()
-    failed = captioned = 0  # failed: images with an error line (unreadable, or figure not written)
     try:
-        results = caption_images(items, (model, vocab), cfg, args.batch_size, device, keep_images=att_dir is not None or page is not None,
-                                 workers=args.workers, n_best=args.n_best)
-        for r in results:
-            record = result_record(r)
-            if r.ok:
-                captioned += 1
-                print(f"{r.path}\t{r.text}", flush=True)
-                if att_dir is not None and r.image is not None:
-                    try:
-                        record.update(_write_attention(att_dir, namer(r.path), r, args.gif, model.decoder.attention_type == "hard"))
-                    except OSError as e:  # the caption stands; the figure could not be written
-                        failed += 1
-                        record["error"] = f"cannot write attention figure ({e.strerror or e})"
-                        _err(f"{r.path}: {record['error']}", bar if show_bar else None)
-            else:
-                failed += 1
-                _err(f"{r.path}: {r.error}", bar if show_bar else None)
-            if writer is not None:
-                writer.add(record)
-            if page is not None:
-                page.add(page_item(r, hard))
-            bar.update(1)
+        out = Outputs(args, cfg, model, len(items))
+    except _OutputError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    try:
+        for r in caption_images(items, (model, vocab), cfg, args.batch_size, device, keep_images=out.needs_images,
+                                workers=args.workers, n_best=args.n_best):
+            out.add(r)
         sys.stdout.flush()
-        if writer is not None:
-            writer.close({"captioned": captioned, "failed": failed})
-            writer = None
-        if page is not None:
-            try:
-                print(f"results page: {page.write()}", file=sys.stderr, flush=True)
-            except OSError as e:
-                _err(f"{args.html}: cannot write the results page ({e.strerror or e})")
-                failed += 1
+        out.finish()
     except BrokenPipeError:  # e.g. `captioner-caption ... | head`: stop quietly
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's final flush
         return EXIT_IMAGE_ERRORS
@@ -209,10 +161,87 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err("interrupted")
         return 130
     finally:
-        bar.close()
-        if writer is not None:
-            writer.abort()
-    return EXIT_IMAGE_ERRORS if failed else EXIT_OK
+        out.close()
+    return EXIT_IMAGE_ERRORS if out.failed else EXIT_OK
+
+
+class _OutputError(Exception):
+    """An output (JSON file, results page) cannot be written: one line, exit status 2."""
+
+
+class Outputs:
+    """Where results go: stdout lines, the ``--json`` file, ``--attention-dir`` figures, the ``--html`` page."""
+
+    def __init__(self, args: argparse.Namespace, cfg: DecodeConfig, model: Captioner, n_items: int):
+        from tqdm import tqdm
+
+        self.args, self.hard = args, model.decoder.attention_type == "hard"
+        self.writer = self.page = None
+        if args.json:
+            try:
+                self.writer = JsonWriter(args.json, {"checkpoint": str(args.checkpoint), "decode": asdict(cfg)})
+            except OSError as e:
+                raise _OutputError(f"{args.json}: cannot write the JSON file ({e.strerror or e})") from None
+        self.att_dir = Path(args.attention_dir) if args.attention_dir else None
+        if (self.att_dir is not None or args.html) and model.decoder.attention_type == "none":
+            print("warning: this model has no attention (Show-and-Tell); its attention maps are uniform", file=sys.stderr)
+        if args.html:
+            try:
+                self.page = _open_page(args, cfg, model)
+            except OSError as e:
+                self.close()
+                raise _OutputError(f"{args.html}: cannot write the results page ({e.strerror or e})") from None
+        self.show_bar = args.progress if args.progress is not None else (n_items > args.batch_size and sys.stderr.isatty())
+        self.bar = tqdm(total=n_items, desc="captioning", unit="img", file=sys.stderr, disable=not self.show_bar,
+                        dynamic_ncols=True)
+        self.namer = FigureNamer()
+        self.failed = self.captioned = 0  # failed: images with an error line (unreadable, or figure not written)
+
+    @property
+    def needs_images(self) -> bool:
+        return self.att_dir is not None or self.page is not None
+
+    def add(self, r: CaptionResult) -> None:
+        """Print one result and record it in every output asked for."""
+        record = result_record(r)
+        if r.ok:
+            self.captioned += 1
+            print(f"{r.path}\t{r.text}", flush=True)
+            if self.att_dir is not None and r.image is not None:
+                try:
+                    record.update(_write_attention(self.att_dir, self.namer(r.path), r, self.args.gif, self.hard))
+                except OSError as e:  # the caption stands; the figure could not be written
+                    self.failed += 1
+                    record["error"] = f"cannot write attention figure ({e.strerror or e})"
+                    _err(f"{r.path}: {record['error']}", self.bar if self.show_bar else None)
+        else:
+            self.failed += 1
+            _err(f"{r.path}: {r.error}", self.bar if self.show_bar else None)
+        if self.writer is not None:
+            self.writer.add(record)
+        if self.page is not None:
+            self.page.add(page_item(r, self.hard))
+        self.bar.update(1)
+
+    def finish(self) -> None:
+        """Complete the JSON file and write the page (every image has been added)."""
+        if self.writer is not None:
+            self.writer.close({"captioned": self.captioned, "failed": self.failed})
+            self.writer = None
+        if self.page is not None:
+            try:
+                print(f"results page: {self.page.write()}", file=sys.stderr, flush=True)
+            except OSError as e:
+                _err(f"{self.args.html}: cannot write the results page ({e.strerror or e})")
+                self.failed += 1
+
+    def close(self) -> None:
+        """Close the progress bar; a JSON file that was not completed is removed, never left half-written."""
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
 
 
 def _open_page(args: argparse.Namespace, cfg: DecodeConfig, model: Captioner) -> Any:
