@@ -22,7 +22,7 @@ from captioner.caption import (
 from captioner.config import DecodeConfig
 from captioner.data.vocab import Vocabulary
 from captioner.models.captioner import Captioner
-from captioner.models.checkpoint import CheckpointError
+from captioner.models.checkpoint import BUNDLED, DEFAULT_MODEL, CheckpointError
 from captioner.utils import pick_device
 
 # Exit statuses of the command.
@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="captioner-caption", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR_OR_GLOB", help="image files, directories or glob patterns")
-    p.add_argument("-c", "--checkpoint", required=True, metavar="CKPT", help="a checkpoint written by captioner-train (best.pt / last.pt)")
+    p.add_argument("-c", "--checkpoint", metavar="CKPT",
+                   help="a checkpoint written by captioner-train (best.pt / last.pt), or a bundled model's name "
+                        f"({', '.join(BUNDLED)}; the default)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--beam", type=int, metavar="K", help=f"beam search of width K (default: beam {DEFAULT_BEAM} when available, else greedy)")
     g.add_argument("--greedy", action="store_true", help="greedy (argmax) decoding")
@@ -126,6 +128,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """``captioner-caption``: caption images, print PATH<TAB>CAPTION lines; returns the exit status."""
     args = parse_args(argv)
+    if args.checkpoint is None:
+        args.checkpoint = DEFAULT_MODEL
+        print(f"captioner-caption: no --checkpoint given, using the bundled {DEFAULT_MODEL} model "
+              "(soft attention trained on Flickr8k; see the README)", file=sys.stderr, flush=True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:

@@ -46,9 +46,28 @@ def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocabulary, **ext
     atomic_torch_save(ckpt, path)
 
 
+# Models that ship inside the package (captioner/assets/<name>.pt), usable wherever a checkpoint path is.
+BUNDLED = {"flickr8k": "flickr8k.pt"}
+DEFAULT_MODEL = "flickr8k"
+
+
+def resolve_checkpoint(path_or_name: str | Path) -> Path:
+    """A checkpoint file: an existing path as given, else the bundled model of that name (``flickr8k``)."""
+    path = Path(path_or_name)
+    if path.is_file() or str(path_or_name) not in BUNDLED:
+        return path
+    from importlib.resources import files
+
+    bundled = Path(str(files("captioner.assets").joinpath(BUNDLED[str(path_or_name)])))
+    if not bundled.is_file():
+        raise CheckpointError(f"{path_or_name}: the bundled model is not in this installation ({bundled} is missing); "
+                              "reinstall captioner from its repository or wheel, or pass a checkpoint file")
+    return bundled
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and validate a checkpoint without unpickling arbitrary objects."""
-    path = Path(path)
+    """Read and validate a checkpoint (a path, or a bundled model's name) without unpickling arbitrary objects."""
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
@@ -65,18 +84,65 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>") -> tuple[Captioner, Vocabulary]:
-    """Rebuild the model and vocabulary stored in a loaded checkpoint."""
+    """Rebuild the model and vocabulary stored in a loaded checkpoint.
+
+    A compact checkpoint (``export_compact``) stores no encoder weights: the encoder is built from its
+    own source (e.g. the EfficientNet-Lite0 PyPI package) and must match the stored fingerprint.
+    """
+    compact = ckpt.get("encoder_sha256") is not None
     try:
         vocab = Vocabulary(ckpt["vocab"])
-        model = Captioner(spec_from_dict(ckpt["model_config"]), encoder_weights=False)
-        model.load_state_dict(ckpt["model"])
+        model = Captioner(spec_from_dict(ckpt["model_config"]), encoder_weights=compact)
+        if compact:
+            check_encoder_fingerprint(model, ckpt["encoder_sha256"], path)
+            dtypes = {k: v.dtype for k, v in model.decoder.state_dict().items()}
+            state = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in ckpt["model"].items()}
+            model.decoder.load_state_dict(state)
+        else:
+            model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: checkpoint does not match this version of captioner ({first[:300]})") from None
     return model, vocab
 
 
+def check_encoder_fingerprint(model: Captioner, expected: str, path: str | Path) -> None:
+    """Refuse an encoder whose weights are not the ones the compact checkpoint's decoder was trained on."""
+    from captioner.models.encoder import state_fingerprint
+
+    found = state_fingerprint(model.encoder.body)
+    if found != expected:
+        raise CheckpointError(f"{path}: the encoder weights found ({model.spec.encoder.get('name')}, sha256 {found[:12]}...) "
+                              f"are not the ones this model was trained with (sha256 {expected[:12]}...); install the "
+                              "weights package version it was made with")
+
+
+def export_compact(ckpt_path: str | Path, out: str | Path, dtype: torch.dtype = torch.float16, **meta: Any) -> dict[str, Any]:
+    """Write a small caption-only copy of a checkpoint: the decoder in ``dtype``, the encoder by fingerprint only.
+
+    The frozen encoder's weights come from their own package when the copy is loaded (never stored
+    twice); the SHA-256 of those weights is stored and checked. ``meta`` (e.g. the command that trained
+    it and its test figures) is kept under ``"metrics"``. Returns what was written.
+    """
+    from captioner.models.encoder import state_fingerprint
+
+    ckpt = load_checkpoint(ckpt_path)
+    model, _ = model_from_checkpoint(ckpt, ckpt_path)
+    if not model.encoder.frozen:
+        raise CheckpointError(f"{ckpt_path}: a compact copy needs a frozen encoder (this one was fine-tuned)")
+    small = {
+        "format_version": FORMAT_VERSION,
+        "model_config": ckpt["model_config"],
+        "vocab": ckpt["vocab"],
+        "model": {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.decoder.state_dict().items()},
+        "encoder_sha256": state_fingerprint(model.encoder.body),
+        "metrics": meta or ckpt.get("metrics"),
+    }
+    atomic_torch_save(small, out)
+    return small
+
+
 def load_captioner(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Captioner, Vocabulary]:
-    """A ready-to-use model (eval mode) and vocabulary from a checkpoint file."""
+    """A ready-to-use model (eval mode) and vocabulary from a checkpoint file or a bundled model's name."""
     model, vocab = model_from_checkpoint(load_checkpoint(path, map_location), path)
     return model.eval(), vocab
