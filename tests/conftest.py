@@ -26,7 +26,7 @@ def compose_train(overrides: list[str]):
     """Compose conf/train.yaml with overrides, as the training script does, and convert to dataclasses."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
     from captioner.cli import config_dir
     from captioner.config import register_configs
@@ -59,3 +59,22 @@ def tiny_cfg(tiny_shapes, tmp_path):
         )
 
     return make
+
+
+CLI_WORDS = ["a", "red", "blue", "circle", "square", "and", "large", "small"]
+
+
+def tiny_captioner(attention: str = "soft", seed: int = 0):
+    """A random 32 px captioner (16-wide decoder) over CLI_WORDS that talks: (model in eval mode, vocabulary)."""
+    from captioner.config import EncoderConfig, ModelConfig
+    from captioner.data.vocab import Vocabulary
+    from captioner.models.captioner import build_model
+
+    torch.manual_seed(seed)
+    vocab = Vocabulary.build([CLI_WORDS])
+    model = build_model(EncoderConfig(name="shapes_cnn", channels=16, blocks=2),
+                        ModelConfig(embed_dim=16, hidden_dim=16, attn_dim=8, attention=attention), len(vocab), image_size=32)
+    with torch.no_grad():  # a random model says <end> first; make it talk so captions are not empty
+        model.decoder.out.bias[vocab.end_id] -= 1.5
+        model.decoder.out.bias[4:] += torch.linspace(0, 1, len(vocab) - 4)
+    return model.eval(), vocab

@@ -17,37 +17,26 @@ import torch
 from PIL import Image, ImageOps
 
 from captioner import caption as lib
+from conftest import CLI_WORDS, tiny_captioner
+
 from captioner.cli import caption as cli
-from captioner.config import DecodeConfig, EncoderConfig, ModelConfig
+from captioner.config import DecodeConfig
 from captioner.data import images as images_mod
 from captioner.data.images import ImageLoadError, load_image, to_tensor
-from captioner.data.vocab import Vocabulary
-from captioner.models.captioner import build_model
 from captioner.models.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "caption.py"
-WORDS = ["a", "red", "blue", "circle", "square", "and", "large", "small"]
+WORDS = CLI_WORDS
 
 
 # --------------------------------------------------------------------------------------------------
 # Fixtures: a tiny checkpoint and image files
-def _tiny_model(attention: str = "soft", seed: int = 0):
-    torch.manual_seed(seed)
-    vocab = Vocabulary.build([WORDS])
-    model = build_model(EncoderConfig(name="shapes_cnn", channels=16, blocks=2),
-                        ModelConfig(embed_dim=16, hidden_dim=16, attn_dim=8, attention=attention), len(vocab), image_size=32)
-    with torch.no_grad():  # a random model says <end> first; make it talk so captions are not empty
-        model.decoder.out.bias[vocab.end_id] -= 1.5
-        model.decoder.out.bias[4:] += torch.linspace(0, 1, len(vocab) - 4)
-    return model.eval(), vocab
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A tiny soft-attention checkpoint (32 px shapes CNN, 16-wide decoder)."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    model, vocab = _tiny_model()
+    model, vocab = tiny_captioner()
     save_checkpoint(path, model, vocab)
     return path
 
@@ -56,7 +45,7 @@ def ckpt(tmp_path_factory) -> Path:
 def hard_ckpt(tmp_path_factory) -> Path:
     """A tiny hard-attention checkpoint."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny_hard.pt"
-    model, vocab = _tiny_model("hard", seed=1)
+    model, vocab = tiny_captioner("hard", seed=1)
     save_checkpoint(path, model, vocab)
     return path
 
@@ -348,7 +337,7 @@ def test_missing_and_incompatible_checkpoints_exit_2(photos, tmp_path, capsys):
     text.write_text("this is not a checkpoint\n")
     random_dict = tmp_path / "random.pt"
     torch.save({"weights": torch.randn(3, 3), "epoch": 4}, random_dict)
-    model, vocab = _tiny_model()
+    model, vocab = tiny_captioner()
     wrong = tmp_path / "wrong.pt"
     save_checkpoint(wrong, model, vocab)
     ck = torch.load(wrong, weights_only=True)

@@ -19,16 +19,15 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CLI_WORDS, tiny_captioner
+
 from captioner.cli import caption as cli
-from captioner.config import EncoderConfig, ModelConfig
 from captioner.data.sources import ImageRecord
-from captioner.data.vocab import Vocabulary
 from captioner.decoding.caption import Caption
-from captioner.models.captioner import build_model
 from captioner.models.checkpoint import save_checkpoint
 from captioner.viz.html import PageItem, decode_attention, encode_attention, write_results_page, write_split_page
 
-WORDS = ["a", "red", "blue", "circle", "square", "and", "large", "small"]
+WORDS = CLI_WORDS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,28 +118,17 @@ def synthetic_items() -> list[PageItem]:
     ]
 
 
-def _tiny_model(attention: str = "soft", seed: int = 0):
-    torch.manual_seed(seed)
-    vocab = Vocabulary.build([WORDS])
-    model = build_model(EncoderConfig(name="shapes_cnn", channels=16, blocks=2),
-                        ModelConfig(embed_dim=16, hidden_dim=16, attn_dim=8, attention=attention), len(vocab), image_size=32)
-    with torch.no_grad():  # a random model says <end> first; make it talk so captions are not empty
-        model.decoder.out.bias[vocab.end_id] -= 1.5
-        model.decoder.out.bias[4:] += torch.linspace(0, 1, len(vocab) - 4)
-    return model.eval(), vocab
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, *_tiny_model())
+    save_checkpoint(path, *tiny_captioner())
     return path
 
 
 @pytest.fixture(scope="module")
 def hard_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny_hard.pt"
-    save_checkpoint(path, *_tiny_model("hard", seed=1))
+    save_checkpoint(path, *tiny_captioner("hard", seed=1))
     return path
 
 
