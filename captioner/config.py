@@ -234,6 +234,48 @@ class EvaluateConfig:
     progress: bool = True
 
 
+# --------------------------------------------------------------------------------------------------
+# Visual question answering (task=vqa, experiment=shapes_vqa). The VQA options extend the captioning schemas
+# (VQAModelConfig(ModelConfig), VQADataConfig(DataConfig)): a group option of a subclass fills a field typed
+# with its base class and keeps the subclass as the node's type, so TrainConfig.model holds either kind and
+# a misspelt or mistyped VQA key still fails when the config is composed.
+@dataclass
+class QuestionsConfig:
+    """Which questions are generated from each scene (``data.questions``)."""
+
+    seed: int = 0  # the question stream of image (split, index) is seeded with (seed, split, index)
+    per_image: float = 4.0  # expected questions per image, split evenly over the types (count gives at most ~0.6)
+    train_per_image: Optional[float] = None  # the training split's (None: per_image); questions are cheaper than images
+    types: list[str] = field(default_factory=lambda: ["attribute", "exist", "count", "relation"])  # captioner.data.questions.QUESTION_TYPES
+    max_len: int = 20  # words of a question kept
+
+
+@dataclass
+class VQADataConfig(DataConfig):
+    """The shapes world with generated questions."""
+
+    questions: QuestionsConfig = field(default_factory=QuestionsConfig)
+
+
+@dataclass
+class VQAModelConfig(ModelConfig):
+    """The VQA network (``model=vqa``). The captioning decoder's options it inherits are not used."""
+
+    name: str = "vqa"
+    attention: str = "soft"  # soft | none (the mean of the grid)
+    question_only: bool = False  # baseline: no image at all
+    cell: str = "lstm"  # question RNN: lstm | gru | rnn
+    num_layers: int = 1  # 1-4
+    embed_dim: int = 64
+    hidden_dim: int = 128  # question vector, attention query and context width
+    attn_dim: int = 64
+    fusion: str = "concat"  # concat | mul (elementwise product after projecting both to fusion_dim)
+    fusion_dim: int = 256
+    glimpses: int = 2  # 1 or 2 (stacked attention: query_2 = query_1 + context_1)
+    mlp_dim: int = 256
+    dropout: float = 0.1
+
+
 def register_configs() -> None:
     """Register the schemas so YAML options can be validated against them."""
     from hydra.core.config_store import ConfigStore
@@ -246,6 +288,8 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
     cs.store(group="decode", name="decode_schema", node=DecodeConfig)
+    cs.store(group="model", name="vqa_schema", node=VQAModelConfig)
+    cs.store(group="data", name="vqa_data_schema", node=VQADataConfig)
 
 
 def to_dict(obj: Any) -> dict:
