@@ -227,15 +227,7 @@ def _backtrack(words: Tensor, parents: Tensor, alphas: Tensor, locs: Tensor | No
         captions = []
         for m in range(b * N, (b + 1) * N):
             toks = tokens[m, : lengths[m]].tolist()
-            captions.append(
-                Caption(
-                    tokens=toks,
-                    words=[vocab.words[i] for i in toks],
-                    score=scores[m],
-                    attention=attention[m, : lengths[m]].clone(),
-                    finished=done[m],
-                    locations=where[m, : lengths[m]].tolist() if locs is not None else None,
-                )
-            )
+            captions.append(Caption.build(toks, vocab, scores[m], attention[m, : lengths[m]], done[m],
+                                          where[m, : lengths[m]].tolist() if locs is not None else None))
         out.append(captions)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -21,6 +22,13 @@ class Caption:
     attention: Tensor  # (T, L)
     finished: bool = True  # False when max_len was reached before <end>
     locations: list[int] | None = None
+
+    @classmethod
+    def build(cls, tokens: list[int], vocab: Any, score: float, attention: Tensor, finished: bool,
+              locations: list[int] | None = None) -> "Caption":
+        """A caption from word ids (no <start>/<end>) and its per-word attention rows (len(tokens), L)."""
+        return cls(tokens=tokens, words=[vocab.words[i] for i in tokens], score=score, attention=attention.clone(),
+                   finished=finished, locations=locations)
 
     @property
     def text(self) -> str:

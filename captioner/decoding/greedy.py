@@ -75,14 +75,5 @@ def _to_captions(words: Tensor, scores: Tensor, alphas: Tensor, locs: Tensor | N
         finished = n < len(ids) and ids[n] == vocab.end_id
         score = float(scores[b, : n + (1 if finished else 0)].sum())
         toks = ids[:n]
-        out.append(
-            Caption(
-                tokens=toks,
-                words=[vocab.words[i] for i in toks],
-                score=score,
-                attention=alphas[b, :n].clone(),
-                finished=finished,
-                locations=locs[b, :n].tolist() if locs is not None else None,
-            )
-        )
+        out.append(Caption.build(toks, vocab, score, alphas[b, :n], finished, locs[b, :n].tolist() if locs is not None else None))
     return out
