@@ -417,11 +417,7 @@ def end_of_epoch(job: Job, stats: dict[str, float]) -> dict[str, Any]:
             val = evaluate(job.model, job.data.split("val"), job.data.vocab, cfg.decode, batch_size=cfg.data.eval_batch_size,
                            device=job.device, info=job.info).metrics
             log_examples(job)
-        record["val"] = val
-        if stage.val_metric not in val:
-            raise KeyError(f"val_metric {stage.val_metric!r} is not one of {sorted(val)}")
-        improved = val[stage.val_metric] > job.best
-        job.best, job.bad_epochs = (val[stage.val_metric], 0) if improved else (job.best, job.bad_epochs + 1)
+        improved = keep_best(job, record, val)
     record["epoch_seconds"] = round(time.time() - job.epoch_started, 1)
     job.progress = Progress(epoch + 1, 0, None, job.progress.global_step, stage.name)
     save(job, "last.pt", record)
@@ -432,6 +428,17 @@ def end_of_epoch(job: Job, stats: dict[str, float]) -> dict[str, Any]:
     log.info("%s epoch %d: loss %.4f%s (%.0fs)", stage.name, epoch, stats.get("loss", float("nan")), val_txt,
              record["epoch_seconds"])
     return record
+
+
+def keep_best(job: Job, record: dict[str, Any], val: dict[str, float]) -> bool:
+    """Put the validation metrics in the epoch record; whether they beat the best so far (else patience counts)."""
+    record["val"] = val
+    metric = job.stage.val_metric
+    if metric not in val:
+        raise KeyError(f"val_metric {metric!r} is not one of {sorted(val)}")
+    improved = val[metric] > job.best
+    job.best, job.bad_epochs = (val[metric], 0) if improved else (job.best, job.bad_epochs + 1)
+    return improved
 
 
 def log_examples(job: Job) -> None:

@@ -35,7 +35,9 @@ from captioner.models.vqa import VQAModel, build_vqa_model
 from captioner.training.ema import WeightAverage
 from captioner.training.losses import global_token_count
 from captioner.training.loggers import make_logger
-from captioner.training.loop import Job, Stage, restore, resume_checkpoint_path, run_epoch, save, should_stop, start_process
+from captioner.training.loop import (
+    Job, Stage, keep_best, restore, resume_checkpoint_path, run_epoch, save, should_stop, start_process,
+)
 from captioner.training.optim import make_optimizer, make_scheduler
 from captioner.training.state import Progress, StopFlag
 
@@ -189,11 +191,7 @@ def end_of_epoch(job: Job, stats: dict[str, float]) -> dict[str, Any]:
     if job.data.records["val"] and (epoch % cfg.val_every == 0 or epoch == job.stage.epochs):
         with job.averaged():
             val, _ = evaluate_split(job, "val")
-        record["val"] = val
-        if cfg.val_metric not in val:
-            raise KeyError(f"val_metric {cfg.val_metric!r} is not one of {sorted(val)}")
-        improved = val[cfg.val_metric] > job.best
-        job.best, job.bad_epochs = (val[cfg.val_metric], 0) if improved else (job.best, job.bad_epochs + 1)
+        improved = keep_best(job, record, val)
     record["epoch_seconds"] = round(time.time() - job.epoch_started, 1)
     job.progress = Progress(epoch + 1, 0, None, job.progress.global_step, job.stage.name)
     save(job, "last.pt", record)
