@@ -273,7 +273,7 @@ class VQAModelConfig(ModelConfig):
     fusion_dim: int = 256
     glimpses: int = 2  # 1 or 2 (stacked attention: query_2 = query_1 + context_1)
     mlp_dim: int = 256
-    dropout: float = 0.1
+    dropout: float = 0.0  # 0.1 cost relation questions 23 points of accuracy (0.758 vs 0.985, seed 0)
 
 
 def register_configs() -> None:
