@@ -14,7 +14,7 @@ shared cores workers only compete with the trainer), and the best of ``--repeats
 The cache is ``--cache`` when it holds these images for this encoder, else a temporary one written
 by ``captioner.prepare.encode_to_cache`` (timed too).
 
-    python benchmarks/data.py [--images 128] [--batch 64] [--threads 1] [--repeats 2] [--context-dim 512] [--cache data_cache/flickr8k_lite0_last]
+    python benchmarks/data.py [--images 128] [--batch 64] [--threads 1] [--repeats 2] [--context-dim 512] [--cache data_cache/flickr8k_efficientnet_lite0_last]
 
 Seconds per Flickr8k epoch = 30,000 training captions / captions/s (6,000 photos x 5). The last line
 printed is a JSON object. Skipped (with a message) when the Flickr8k photos are not found.
@@ -232,7 +232,7 @@ def main() -> None:
     p.add_argument("--context-dim", type=int, default=None, help="model.context_dim (the Flickr8k recipe: 512)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (2 only on a quiet machine)")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--cache", default=str(REPO / "data_cache" / "flickr8k_lite0_last"))
+    p.add_argument("--cache", default=str(REPO / "data_cache" / "flickr8k_efficientnet_lite0_last"))
     p.add_argument("--phase", choices=["encoder", "cache", "images"], help=argparse.SUPPRESS)
     p.add_argument("--expect", help=argparse.SUPPRESS)
     args = p.parse_args()

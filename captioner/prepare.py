@@ -1,6 +1,6 @@
 """The prepare job: encode a dataset's images once with a frozen encoder into a feature cache.
 
-``python scripts/prepare_data.py data=flickr8k encoder=efficientnet_lite0 cache_dir=data_cache/flickr8k_lite0_last``
+``python scripts/prepare_data.py data=flickr8k encoder=efficientnet_lite0 cache_dir=data_cache/flickr8k_efficientnet_lite0_last``
 Images are decoded by DataLoader workers and normalised exactly as the training loop does
 (``ImageStore`` -> ``normalise_uint8``), so cached features equal the ones training would compute.
 An interrupted job resumes from its last flush when run again with the same arguments.

