@@ -155,6 +155,7 @@ class SCSTConfig:
     baseline: str = "greedy"  # greedy (reward of the greedy caption) | mean (of the image's other samples)
     max_len: int = 16  # words per sampled (and greedy) caption
     temperature: float = 1.0
+    dropout: bool = True  # sample with the decoder's dropout on (training mode); false: in eval mode, the test-time policy
     entropy_weight: float = 0.0  # weight of the mean per-step entropy bonus
     include_end: bool = True  # count <end> as a word in the reward (SacreEOS: no reward for fragments)
     bleu4_weight: float = 0.0  # reward = CIDEr-D + weight * BLEU-4

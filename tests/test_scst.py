@@ -547,3 +547,25 @@ def test_greedy_matches_greedy_decode_and_uses_eval_mode():
     b = greedy_baseline(dec, features, [0, 1, 2, 0, 1, 2], reward, 5)
     assert not b.requires_grad and b.shape == (6,)
     assert torch.equal(b, greedy_baseline(dec, features, [0, 1, 2, 0, 1, 2], reward, 5))  # deterministic
+
+
+def test_dropout_off_samples_the_eval_mode_policy_with_gradients():
+    """scst.dropout=false: the same samples and log-probabilities as in eval mode, gradients kept, mode restored."""
+    torch.manual_seed(3)
+    dec = AttentionDecoder(len(VOCAB), D, embed_dim=6, hidden_dim=5, attn_dim=3, dropout=0.5).double()
+    features = torch.randn(2, L, D, dtype=torch.float64)
+    reward = CiderDReward(REFS, VOCAB)
+    cfg = SCSTConfig(samples=3, baseline="mean", max_len=MAX_LEN, dropout=False)
+    dec.eval()
+    ref = scst_step_loss(dec, features, IMAGES, reward, cfg, torch.Generator().manual_seed(5))
+    dec.train()
+    out = scst_step_loss(dec, features, IMAGES, reward, cfg, torch.Generator().manual_seed(5))
+    assert dec.training  # restored
+    for k in ("loss", "reward", "entropy", "words"):
+        assert float(out[k]) == pytest.approx(float(ref[k]), rel=1e-12, abs=1e-12)
+    grads = torch.autograd.grad(out["loss"], params(dec), allow_unused=True)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    # with dropout on (the default) the training-mode rollout differs from the eval-mode one
+    on = [scst_step_loss(dec, features, IMAGES, reward, SCSTConfig(samples=3, baseline="mean", max_len=MAX_LEN),
+                         torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert any(abs(float(o["entropy"]) - float(ref["entropy"])) > 1e-9 for o in on)

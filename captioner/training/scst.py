@@ -36,8 +36,10 @@ Hard attention: the context at sampling (and greedy) time is the expected (soft)
 (``attend="expected"``), as at test time; the policy is over words only, so no location log-probabilities
 enter the SCST gradient. Show-and-Tell (``attention="none"``) and soft attention need nothing special.
 
-Dropout: samples are drawn with the model in whatever mode the caller left it (training: dropout on;
-the policy is then the dropout-averaged one, still unbiased); the greedy baseline always in eval mode.
+Dropout (``cfg.dropout``): by default the samples are drawn with the model in whatever mode the
+caller left it (training: dropout on; the policy is then the dropout-averaged one, still unbiased);
+``dropout=False`` samples, with gradients, in eval mode, so the policy trained is the one decoded at
+test time. The greedy baseline is always decoded in eval mode.
 """
 
 from __future__ import annotations
@@ -280,10 +282,15 @@ def scst_step_loss(model: Any, features_or_images: Tensor, image_index: Tensor, 
     mask = DecodeMask(vocab, allow_unk=False, block_bad_endings=cfg.block_bad_endings)
     ids = {"start_id": vocab.start_id, "end_id": vocab.end_id, "pad_id": vocab.pad_id,
            "banned": (vocab.pad_id, vocab.start_id, vocab.unk_id)}
-    memory = decoder.init_memory(features)  # once per image, for the samples and the greedy caption
-    B, K = features.size(0), cfg.samples
-    samples = sample_captions(decoder, memory, K, cfg.max_len, cfg.temperature, generator, mask=mask,
-                              attend=cfg.hard_attend, entropy_grad=bool(cfg.entropy_weight), **ids)
+    was_training = decoder.training
+    decoder.train(was_training and cfg.dropout)  # dropout=False: the eval-mode (test-time) policy, with gradients
+    try:
+        memory = decoder.init_memory(features)  # once per image, for the samples and the greedy caption
+        B, K = features.size(0), cfg.samples
+        samples = sample_captions(decoder, memory, K, cfg.max_len, cfg.temperature, generator, mask=mask,
+                                  attend=cfg.hard_attend, entropy_grad=bool(cfg.entropy_weight), **ids)
+    finally:
+        decoder.train(was_training)
     image_index = image_index if isinstance(image_index, Tensor) else torch.as_tensor(image_index)
     rewards = reward(samples.tokens, image_index.repeat_interleave(K)).to(samples.log_probs.dtype)  # (B*K,)
     rewards = rewards.to(samples.log_probs.device).view(B, K)
