@@ -29,7 +29,7 @@ from captioner.data.vocab import SPECIALS, Vocabulary
 from captioner.decoding import greedy_decode
 from captioner.decoding.constraints import BAD_ENDINGS, DecodeMask
 from captioner.metrics import bleu_scores, cider_d_scores, evaluate
-from captioner.metrics.reward import END_WORD, CiderDReward
+from captioner.metrics.reward import CUT_WORD, END_WORD, CiderDReward
 from captioner.models.decoder import AttentionDecoder
 from captioner.training.scst import (
     SCSTConfig,
@@ -340,14 +340,14 @@ def random_corpus(seed: int, words: list[str], n_images: int = 25) -> tuple[list
 
 @pytest.mark.parametrize("include_end", [False, True])
 def test_reward_equals_metrics_cider(include_end):
-    """Per caption, the reward is cider_d_scores of the same strings (df from the same set), with <end> appended when asked."""
+    """Per caption, the reward is cider_d_scores of the same strings (df from the same set), with <end> (or <cut>) appended when asked."""
     words = ["a", "man", "dog", "on", "the", "red", "ball", "runs", "in", "grass"]
     refs, hyps = random_corpus(1, words)
     reward = CiderDReward(refs, include_end=include_end)
     finished = [i % 3 != 2 for i in range(len(hyps))]
     got = reward(hyps, range(len(hyps)), finished).numpy()
     ref_tok = [[tokenize(r) + ([END_WORD] if include_end else []) for r in rs] for rs in refs]
-    hyp_tok = [tokenize(" ".join(h)) + ([END_WORD] if include_end and f else []) for h, f in zip(hyps, finished)]
+    hyp_tok = [tokenize(" ".join(h)) + ([END_WORD if f else CUT_WORD] if include_end else []) for h, f in zip(hyps, finished)]
     _, expected = cider_d_scores(ref_tok, hyp_tok)
     expected = np.array(expected)
     assert expected.max() > 1.0 and (expected > 0).sum() > 10
@@ -387,7 +387,8 @@ def test_reward_bleu4_weight_equals_metrics_bleu():
 
 
 def test_include_end_semantics():
-    """<end> is a word in references and finished hypotheses: fragments and unfinished captions lose its n-grams."""
+    """<end> is a word in references and finished hypotheses, <cut> ends a caption cut at max_len: fragments and
+    unfinished captions lose the ending n-grams, and being cut never pays more than ending wrongly."""
     refs = [["a dog runs on the grass", "a dog on the grass"], ["a man in a red shirt", "a man rides a bike"], ["two cats"]]
     with_end, without = CiderDReward(refs, include_end=True), CiderDReward(refs, include_end=False)
     full = ["a", "dog", "on", "the", "grass"]
@@ -400,10 +401,15 @@ def test_include_end_semantics():
     assert drop_with < drop_without
     # Exactly what the definition says: <end> appended to every reference and to finished hypotheses.
     ref_tok = [[tokenize(r) + [END_WORD] for r in rs] for rs in refs]
-    _, per = cider_d_scores(ref_tok, [full + [END_WORD], tokenize("a man"), ["two", "cats", END_WORD]])
+    _, per = cider_d_scores(ref_tok, [full + [END_WORD], tokenize("a man") + [CUT_WORD], ["two", "cats", END_WORD]])
     got = with_end([full, ["a", "man"], ["two", "cats"]], [0, 1, 2], [True, False, True]).numpy()
     np.testing.assert_allclose(got, per, rtol=1e-9)
-    assert tokenize(END_WORD) != [END_WORD]  # text can never produce the <end> word
+    assert tokenize(END_WORD) != [END_WORD] and tokenize(CUT_WORD) != [CUT_WORD]  # text never produces them
+    # A caption cut at max_len scores no higher than the same words ending wrongly (without <cut> it scored
+    # higher, which taught SCST to stop ending captions): a fragment, a repetition, a wrong ending.
+    for words in (fragment, full[:3] * 3, ["a", "dog", "runs", "on", "the", "red"]):
+        cut, ended = float(with_end([words], [0], [False])), float(with_end([words], [0], [True]))
+        assert 0 < cut <= ended, (words, cut, ended)
 
 
 def test_reward_from_token_ids_and_odd_vocabulary_words():

@@ -14,13 +14,18 @@ vectorised array operations for the whole batch.
 
 ``include_end`` (default on; SacreEOS, Hu et al. 2023): the end token is counted as a word ``<end>``.
 Precisely: every reference gets ``<end>`` appended (before document frequencies are counted), and a
-hypothesis gets ``<end>`` appended iff the sampler emitted the end token (a caption cut at ``max_len``
-without it gets none). The reward is then exactly ``cider_d_scores`` of those extended token lists.
-``<end>`` itself is in every image's references, so its idf is 0; what it adds are the n-grams that
-end a sentence ("a dog <end>", "on the <end>"), so a fragment that stops mid-phrase matches no
-reference ending and scores lower, and a caption that never ends misses them too. It also adds one
-token to both lengths, so the length penalty of a finished caption is unchanged. The tokenizer never
-produces ``<end>`` from text (it splits ``<``, ``end``, ``>``), so it cannot collide with a word.
+hypothesis gets ``<end>`` appended iff the sampler emitted the end token, and a caption cut at
+``max_len`` without it gets ``<cut>``, a token no reference has. The reward is then exactly
+``cider_d_scores`` of those extended token lists. ``<end>`` itself is in every image's references, so its
+idf is 0; what it adds are the n-grams that end a sentence ("a dog <end>", "on the <end>"), so a fragment
+that stops mid-phrase matches no reference ending and scores lower. ``<cut>``'s n-grams match nothing, so
+a caption that never ends scores like one that ends wrongly: without it, a cut caption would have fewer
+unmatched n-grams than the same words with a wrong ending and score *higher*, and SCST learns to stop
+ending its captions (on the shapes world the finished fraction fell from 0.94 to 0.75 in two epochs and
+the greedy captions became repetitions running to ``decode.max_len``). Either token adds one to the
+hypothesis' length as ``<end>`` does to the references', so the length penalty is unchanged. The
+tokenizer never produces ``<end>`` or ``<cut>`` from text (it splits ``<``, ``end``, ``>``), so they
+cannot collide with a word.
 
 ``bleu4_weight`` w: reward = CIDEr-D + w * BLEU-4, BLEU-4 being COCO's per-image BLEU-4 (the per-image
 value of :func:`captioner.metrics.bleu_scores`, on a 0-1 scale) of the same token lists (with ``<end>``
@@ -44,6 +49,7 @@ from captioner.data.tokenize import tokenize
 from captioner.data.vocab import Vocabulary
 
 END_WORD = "<end>"
+CUT_WORD = "<cut>"  # appended to a caption cut at max_len; in no reference
 _TINY, _SMALL = 1e-15, 1e-9  # pycocoevalcap's BLEU constants (see captioner.metrics.bleu)
 
 
@@ -141,10 +147,11 @@ class CiderDReward:
 
     # ----------------------------------------------------------------------------------------------
     def hypothesis_tokens(self, words: Sequence[str], finished: bool = True) -> list[str]:
-        """The token list a caption is scored as: the metrics' tokenisation of its text, plus ``<end>`` if finished and ``include_end``."""
+        """The token list a caption is scored as: the metrics' tokenisation of its text, plus (with ``include_end``)
+        ``<end>`` if it finished or ``<cut>`` if it was cut at ``max_len``."""
         toks = tokenize(" ".join(words))
-        if self.include_end and finished:
-            toks.append(END_WORD)
+        if self.include_end:
+            toks.append(END_WORD if finished else CUT_WORD)
         return toks
 
     def _captions_from_ids(self, tokens: Tensor) -> tuple[list[list[str]], list[bool]]:
