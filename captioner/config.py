@@ -163,6 +163,7 @@ class SCSTConfig:
     normalise: str = "tokens"  # tokens | samples: the loss's denominator
     hard_attend: str = "expected"  # hard attention's context while sampling
     lr: float = 5e-5  # Adam, constant after warm-up
+    encoder_lr: Optional[float] = None  # a fine-tuned encoder's rate in this stage (None: scst.lr, not optim.encoder_lr)
     warmup_steps: int = 0
     batch_size: Optional[int] = None  # images per SCST batch (None: data.batch_size)
     max_minutes: Optional[float] = None  # wall time reserved for the SCST stage (the cross-entropy stage stops earlier)

@@ -283,7 +283,10 @@ def configure_scst(job: Job) -> None:
     job.objective = SCSTObjective(scfg, reward)
     # captions are not needed (the reward reads the references): one per image keeps batches small
     job.loader, job.sampler = make_loader(job.data, cfg, job.info, batch_size=scfg.batch_size, captions_per_image=1)
-    optim_cfg = dataclasses.replace(cfg.optim, lr=scfg.lr, scheduler="none", warmup_steps=scfg.warmup_steps)
+    # one learning rate for the stage: a fine-tuned encoder does not keep the cross-entropy stage's optim.encoder_lr
+    encoder_lr = scfg.lr if scfg.encoder_lr is None else scfg.encoder_lr
+    optim_cfg = dataclasses.replace(cfg.optim, lr=scfg.lr, encoder_lr=encoder_lr, scheduler="none",
+                                    warmup_steps=scfg.warmup_steps)
     job.opt = make_optimizer(job.model, optim_cfg)
     job.sched = make_scheduler(job.opt, optim_cfg, scfg.epochs, job.steps_per_epoch)
     job.ema = WeightAverage(unwrap(job.model), cfg.optim.ema) if cfg.optim.ema else None
