@@ -48,7 +48,7 @@ def test_scst_from_a_weak_cross_entropy_checkpoint_raises_dev_cider(shapes_1500,
     # measured (seeds 0, 1, 2 with 2 threads, seed 0 with 1): x1.52, x1.13, x1.41, x1.39 over the best cross-entropy epoch
     assert max(e["val"]["CIDEr-D"] for e in scst) > 1.05 * ce_best, (ce_best, [e["val"]["CIDEr-D"] for e in scst])
     finished = [e["train"]["finished"] for e in scst]
-    assert min(finished) > 0.85, finished  # with <cut> in the reward the policy keeps ending its captions
+    assert min(finished) > 0.85, finished  # measured 0.90-0.95 with <cut> in the reward, 0.79-0.86 without
     assert (tmp_path / "scst" / "scst_best.pt").is_file() and not (tmp_path / "scst" / "best.pt").exists()
     logged = [json.loads(line) for line in (tmp_path / "scst" / "train_log.jsonl").read_text().splitlines()]
     assert logged and {"scst/reward", "scst/baseline", "scst/length", "scst/entropy", "scst/lr"} <= set(logged[0])

@@ -21,8 +21,9 @@ idf is 0; what it adds are the n-grams that end a sentence ("a dog <end>", "on t
 that stops mid-phrase matches no reference ending and scores lower. ``<cut>``'s n-grams match nothing, so
 a caption that never ends scores like one that ends wrongly: without it, a cut caption would have fewer
 unmatched n-grams than the same words with a wrong ending and score *higher*, and SCST learns to stop
-ending its captions (on the shapes world the finished fraction fell from 0.94 to 0.75 in two epochs and
-the greedy captions became repetitions running to ``decode.max_len``). Either token adds one to the
+ending its captions (shapes world, two SCST epochs from a 3-epoch checkpoint: 79-86% of the samples
+finished per epoch, falling within the epoch, and greedy captions became repetitions running to
+``decode.max_len``; with ``<cut>``, 90-95%). Either token adds one to the
 hypothesis' length as ``<end>`` does to the references', so the length penalty is unchanged. The
 tokenizer never produces ``<end>`` or ``<cut>`` from text (it splits ``<``, ``end``, ``>``), so they
 cannot collide with a word.
