@@ -119,6 +119,12 @@ class OptimConfig:
     step_size: int = 5  # epochs, for scheduler=step
     gamma: float = 0.5
     ema: float = 0.0  # decay of an exponential moving average of the weights used for validation/test (0: off)
+    fit_to_budget: bool = False  # after the first epoch, end the cosine where max_minutes will end the stage
+
+    def __post_init__(self) -> None:
+        if self.fit_to_budget and self.scheduler != "cosine":
+            raise ConfigError(f"optim.fit_to_budget=true fits the cosine schedule to the time budget; "
+                              f"optim.scheduler is {self.scheduler!r}")
 
 
 @dataclass

@@ -37,7 +37,7 @@ from captioner.models.encoder import feature_spec
 from captioner.training.ema import WeightAverage
 from captioner.training.loggers import IntervalMean, grad_norm, log_val_examples, make_logger
 from captioner.training.losses import CaptionObjective, SCSTObjective
-from captioner.training.optim import make_optimizer, make_scheduler
+from captioner.training.optim import fit_to_budget, make_optimizer, make_scheduler
 from captioner.training.state import Progress, StopFlag, TrainingInterrupted, rng_state, set_rng_state
 from captioner.utils import pick_device
 
@@ -82,6 +82,7 @@ class Job:
     bad_epochs: int = 0
     t0: float = field(default_factory=time.time)
     epoch_started: float = 0.0
+    epoch_start_batch: int = 0  # the batch this process started the epoch at (after a resume: not 0)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -127,6 +128,8 @@ def run_stage(job: Job, stop: StopFlag) -> None:
 def setup(cfg: TrainConfig) -> Job:
     """Process group, run directory, seeds, data, model, optimiser and (with ``resume``) the saved state."""
     t0 = time.time()
+    if cfg.optim.fit_to_budget and not cfg.max_minutes:
+        raise ConfigError("optim.fit_to_budget=true fits the cosine schedule to max_minutes, but max_minutes is not set")
     info, out_dir, device = start_process(cfg)
     resume_path = resume_checkpoint_path(cfg, out_dir)
     ckpt = load_checkpoint(resume_path) if resume_path else None
@@ -286,7 +289,7 @@ def configure_scst(job: Job) -> None:
     # one learning rate for the stage: a fine-tuned encoder does not keep the cross-entropy stage's optim.encoder_lr
     encoder_lr = scfg.lr if scfg.encoder_lr is None else scfg.encoder_lr
     optim_cfg = dataclasses.replace(cfg.optim, lr=scfg.lr, encoder_lr=encoder_lr, scheduler="none",
-                                    warmup_steps=scfg.warmup_steps)
+                                    warmup_steps=scfg.warmup_steps, fit_to_budget=False)
     job.opt = make_optimizer(job.model, optim_cfg)
     job.sched = make_scheduler(job.opt, optim_cfg, scfg.epochs, job.steps_per_epoch)
     job.ema = WeightAverage(unwrap(job.model), cfg.optim.ema) if cfg.optim.ema else None
@@ -379,7 +382,7 @@ def optimizer_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
 def run_epoch(job: Job, stop: StopFlag) -> dict[str, float]:
     """Train the current epoch (or its rest, after a resume); an interruption mid-epoch saves and raises."""
     cfg, p = job.cfg, job.progress
-    job.epoch_started = time.time()
+    job.epoch_started, job.epoch_start_batch = time.time(), p.batch
     job.sampler.set_epoch(p.epoch, start=p.batch * job.loader.batch_size)
     job.loader.dataset.set_epoch(p.epoch)
     prefix = "train" if job.stage.name == "xe" else "scst"
@@ -415,6 +418,7 @@ def end_of_epoch(job: Job, stats: dict[str, float]) -> dict[str, Any]:
     if stage.name != "xe":
         record["stage"] = stage.name
     improved = not job.data.records["val"]
+    trained = time.time()
     if job.data.records["val"] and (epoch % cfg.val_every == 0 or epoch == stage.epochs):
         with job.averaged():
             val = evaluate(job.model, job.data.split("val"), job.data.vocab, cfg.decode, batch_size=cfg.data.eval_batch_size,
@@ -422,6 +426,7 @@ def end_of_epoch(job: Job, stats: dict[str, float]) -> dict[str, Any]:
             log_examples(job)
         improved = keep_best(job, record, val)
     record["epoch_seconds"] = round(time.time() - job.epoch_started, 1)
+    refit_schedule(job, trained)
     job.progress = Progress(epoch + 1, 0, None, job.progress.global_step, stage.name)
     save(job, "last.pt", record)
     if improved:
@@ -431,6 +436,26 @@ def end_of_epoch(job: Job, stats: dict[str, float]) -> dict[str, Any]:
     log.info("%s epoch %d: loss %.4f%s (%.0fs)", stage.name, epoch, stats.get("loss", float("nan")), val_txt,
              record["epoch_seconds"])
     return record
+
+
+def refit_schedule(job: Job, trained: float) -> None:
+    """``optim.fit_to_budget``: after the first epoch, end the cosine schedule where the time budget ends the stage.
+
+    Without it a slower machine stops the stage mid-schedule, at a learning rate far from its floor.
+    The cost of an epoch is measured on the one just run (its steps, then its validation, ending now;
+    ``trained`` is when its steps ended); the horizon is saved with the scheduler, so a resumed run keeps it.
+    """
+    steps = job.progress.batch - job.epoch_start_batch
+    if not (job.cfg.optim.fit_to_budget and job.stage.name == "xe" and job.stage.deadline and steps > 0):
+        return
+    now = time.time()
+    seconds = [(trained - job.epoch_started) / steps, now - trained, job.stage.deadline - now]
+    seconds = gather_objects(seconds, job.info)[0]  # rank 0's timings: every rank fits the same horizon
+    total = fit_to_budget(job.sched, job.steps_per_epoch, *seconds)
+    if total is not None:
+        log.info("optim.fit_to_budget: the cosine schedule now ends at step %d (%.1f epochs) instead of %d, "
+                 "where the time budget ends the %s stage", total, total / job.steps_per_epoch,
+                 job.stage.epochs * job.steps_per_epoch, job.stage.name)
 
 
 def keep_best(job: Job, record: dict[str, Any], val: dict[str, float]) -> bool:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from captioner.config import ConfigError
 from captioner.data.datasets import EpochSampler
 from captioner.data.questions import Question, majority_baseline
 from captioner.data.vocab import SPECIALS, Vocabulary
@@ -36,7 +37,7 @@ from captioner.training.ema import WeightAverage
 from captioner.training.losses import global_token_count
 from captioner.training.loggers import make_logger
 from captioner.training.loop import (
-    Job, Stage, keep_best, restore, resume_checkpoint_path, run_epoch, save, should_stop, start_process,
+    Job, Stage, keep_best, refit_schedule, restore, resume_checkpoint_path, run_epoch, save, should_stop, start_process,
 )
 from captioner.training.optim import make_optimizer, make_scheduler
 from captioner.training.state import Progress, StopFlag
@@ -85,6 +86,8 @@ def train_vqa(cfg: Any) -> dict[str, float]:
 def setup_vqa(cfg: Any) -> Job:
     """Process group, run directory, seeds, questions, model, optimiser and (with ``resume``) the saved state."""
     t0 = time.time()
+    if cfg.optim.fit_to_budget and not cfg.max_minutes:
+        raise ConfigError("optim.fit_to_budget=true fits the cosine schedule to max_minutes, but max_minutes is not set")
     info, out_dir, device = start_process(cfg)
     resume_path = resume_checkpoint_path(cfg, out_dir)
     ckpt = load_checkpoint(resume_path) if resume_path else None
@@ -188,11 +191,13 @@ def end_of_epoch(job: Job, stats: dict[str, float]) -> dict[str, Any]:
     cfg, epoch = job.cfg, job.progress.epoch
     record: dict[str, Any] = {"epoch": epoch, "train": stats, "lr": job.opt.param_groups[0]["lr"]}
     improved = not job.data.records["val"]
+    trained = time.time()
     if job.data.records["val"] and (epoch % cfg.val_every == 0 or epoch == job.stage.epochs):
         with job.averaged():
             val, _ = evaluate_split(job, "val")
         improved = keep_best(job, record, val)
     record["epoch_seconds"] = round(time.time() - job.epoch_started, 1)
+    refit_schedule(job, trained)
     job.progress = Progress(epoch + 1, 0, None, job.progress.global_step, job.stage.name)
     save(job, "last.pt", record)
     if improved:
