@@ -42,9 +42,17 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local)
 
 
-def shutdown() -> None:
-    """Leave the process group (end of a torchrun job)."""
+def shutdown(synchronise: bool = True) -> None:
+    """Leave the process group (end of a torchrun job).
+
+    ``synchronise``: wait at a barrier first, so that no rank tears its connections down while another is
+    still finishing its last collective (with gloo that race aborts the slower process with SIGABRT,
+    "terminate called without an active exception"). Pass False on the error path, where the other
+    ranks may never reach the barrier.
+    """
     if dist.is_initialized():
+        if synchronise:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -76,8 +76,10 @@ def _worker(rank: int, world: int, port: int, cfg, task: str, out: str) -> None:
             model = build_model(cfg.encoder, cfg.model, len(data.vocab), cfg.data.image_size)
             caps = decode_split(model, data.stores["val"], data.vocab, cfg.decode, 2, torch.device("cpu"), info=info)
             Path(out, f"rank{rank}.json").write_text(json.dumps([c.text for c in caps]))
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(synchronise=False)
+        raise
+    distributed.shutdown()
 
 
 def _spawn(world, cfg, task, out):

@@ -137,8 +137,10 @@ def _ddp_worker(rank: int, world: int, port: int, cfg) -> None:
 
     try:
         train_vqa(cfg)
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(synchronise=False)
+        raise
+    distributed.shutdown()
 
 
 # Frozen encoder: BatchNorm statistics of a trained one are per rank. 20 images: one process takes batches of 8, 8, 4;

@@ -80,8 +80,10 @@ def train_main() -> None:
 
         try:
             results = run(cfg)
-        finally:
-            shutdown()
+        except BaseException:
+            shutdown(synchronise=False)
+            raise
+        shutdown()
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(results), flush=True)
 
