@@ -168,7 +168,9 @@ class SCSTConfig:
     block_bad_endings: bool = False  # sample only captions that do not end on a, the, of, ...
     normalise: str = "tokens"  # tokens | samples: the loss's denominator
     hard_attend: str = "expected"  # hard attention's context while sampling
-    lr: float = 5e-5  # Adam, constant after warm-up
+    lr: float = 5e-5  # Adam, after warm-up constant (scheduler=none) or decaying (cosine, to 2% over the stage's epochs)
+    scheduler: str = "none"  # none | cosine
+    fit_to_budget: bool = False  # with cosine: after the first SCST epoch, end the decay where the time budget ends the stage
     encoder_lr: Optional[float] = None  # a fine-tuned encoder's rate in this stage (None: scst.lr, not optim.encoder_lr)
     warmup_steps: int = 0
     batch_size: Optional[int] = None  # images per SCST batch (None: data.batch_size)
@@ -184,6 +186,9 @@ class SCSTConfig:
         if self.samples < (2 if self.baseline == "mean" else 1):
             raise ConfigError(f"scst.samples must be >= {2 if self.baseline == 'mean' else 1} for baseline "
                               f"{self.baseline!r}, got {self.samples}")
+        if self.scheduler not in ("none", "cosine") or (self.fit_to_budget and self.scheduler != "cosine"):
+            raise ConfigError(f"scst.scheduler must be none or cosine (fit_to_budget needs cosine); "
+                              f"got {self.scheduler!r}, fit_to_budget={self.fit_to_budget}")
         if self.max_len < 1 or self.temperature <= 0:
             raise ConfigError(f"scst.max_len must be >= 1 and scst.temperature > 0; got {self.max_len}, {self.temperature}")
 
@@ -211,7 +216,7 @@ class TrainConfig:
     val_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
     threads: Optional[int] = None  # torch intra-op threads on CPU
-    amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
+    precision: str = "auto"  # training steps: auto (bf16 autocast on CUDA, float32 on CPU) | bf16 (any device) | fp32
     compile: bool = False  # torch.compile the decoder step (CUDA; no effect on CPU)
     output_dir: str = MISSING
     resume: Optional[str] = None  # a checkpoint path, or "auto" for <output_dir>/last.pt if it exists
@@ -222,6 +227,10 @@ class TrainConfig:
     test: bool = True
     test_beam_sizes: list[int] = field(default_factory=list)  # also test with these beam sizes ("beam5/BLEU-4", ...)
     test_block_bad_endings: bool = False  # also test the widest test beam with decode.block_bad_endings ("blocked/...")
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 
 
 @dataclass

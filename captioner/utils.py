@@ -1,4 +1,4 @@
-"""Small pieces every layer uses: picking a device and writing files atomically."""
+"""Small pieces every layer uses: picking a device, its precision, and writing files atomically."""
 
 from __future__ import annotations
 
@@ -20,6 +20,31 @@ def pick_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for but CUDA is not available")
     return dev
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context of a training step: ``auto`` bf16 on CUDA only, ``bf16`` on any device, ``fp32`` none.
+
+    Under bf16 the matrix products run in bfloat16; the decoder keeps its recurrent state, softmaxes and
+    log-probabilities in float32 (``captioner.models.decoder``), and weights, gradients and the optimiser
+    stay float32. On a CPU it pays only where the CPU has bf16 instructions (AVX512-BF16 or AMX).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bfloat16 products (oneDNN's check); without them bf16 autocast is slower, not faster."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
 
 
 @contextlib.contextmanager

@@ -77,3 +77,34 @@ def test_training_job_fits_its_schedule_to_max_minutes(tiny_cfg, tmp_path, caplo
     assert sched["last_epoch"] < configured  # the budget ended the run long before 500 epochs
     # the learning rate the run ended on is the fitted cosine's at that step
     assert sched["_last_lr"][0] == pytest.approx(cfg.optim.lr * cosine(min(1.0, sched["last_epoch"] / total)), rel=1e-9)
+
+
+SCST = ("scst.samples=2", "scst.baseline=mean", "scst.max_len=5", "decode=greedy", "test=false", "scst.warmup_steps=0")
+
+
+def test_scst_stage_decays_its_own_cosine_to_the_floor(tiny_cfg, tmp_path):
+    """scst.scheduler=cosine: the SCST stage's rate falls from scst.lr to 2% of it over scst.epochs (not the cross-entropy schedule)."""
+    train(tiny_cfg("epochs=1", "scst.epochs=2", "scst.lr=1e-3", "scst.scheduler=cosine", "patience=100", *SCST))
+    sched = load_checkpoint(tmp_path / "run" / "scst_last.pt")["scheduler"]
+    assert sched["total"] == sched["last_epoch"] > 0  # two full SCST epochs, the horizon they span
+    assert sched["_last_lr"][0] == pytest.approx(1e-3 * 0.02, rel=1e-9)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["scheduler"]["total"] != sched["total"]  # its own schedule
+
+
+def test_scst_stage_fits_its_cosine_to_its_time_budget(tiny_cfg, tmp_path, caplog):
+    """scst.fit_to_budget: 500 SCST epochs cannot fit in 6 s; after its first epoch the stage's cosine is refitted."""
+    cfg = tiny_cfg("epochs=1", "scst.epochs=500", "scst.max_minutes=0.1", "scst.scheduler=cosine",
+                   "scst.fit_to_budget=true", "scst.patience=1000", *SCST)
+    with caplog.at_level("INFO", logger="captioner.training.loop"):
+        train(cfg)
+    fitted = [r.args for r in caplog.records if "fit_to_budget" in r.getMessage()]
+    assert len(fitted) == 1 and fitted[0][3] == "scst"
+    sched = load_checkpoint(tmp_path / "run" / "scst_last.pt")["scheduler"]
+    assert sched["fitted"] is True and sched["total"] == fitted[0][0] < fitted[0][2]
+
+
+@pytest.mark.parametrize("extra, message", [(["scst.scheduler=linear"], "scst.scheduler"),
+                                            (["scst.fit_to_budget=true"], "fit_to_budget needs cosine")])
+def test_scst_schedule_options_are_checked(tiny_cfg, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_cfg("scst.epochs=1", *extra)

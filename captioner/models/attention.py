@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def full_precision(x: Tensor) -> Tensor:
+    """x in float32 if autocast made it bfloat16/float16; float32 and float64 tensors pass unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 class AttentionOutput(NamedTuple):
     """What one attention step returns; the hard-attention fields are ``None`` for soft attention."""
 
@@ -90,7 +95,7 @@ class SoftAttention(nn.Module):
 
     def forward(self, features: Tensor, projected: Tensor, hidden: Tensor, mode: str = "soft") -> AttentionOutput:
         """Attend over features (B, L, D) given h_{t-1} (B, H)."""
-        alpha = F.softmax(self.scorer(projected, hidden), dim=-1)  # (B, L)
+        alpha = F.softmax(full_precision(self.scorer(projected, hidden)), dim=-1)  # (B, L), float32 under autocast too
         return AttentionOutput(expected_context(alpha, features), alpha)
 
 
@@ -103,7 +108,7 @@ class HardAttention(SoftAttention):
     """
 
     def forward(self, features: Tensor, projected: Tensor, hidden: Tensor, mode: str = "sample") -> AttentionOutput:
-        logits = self.scorer(projected, hidden)  # (B, L)
+        logits = full_precision(self.scorer(projected, hidden))  # (B, L)
         log_alpha = F.log_softmax(logits, dim=-1)  # (B, L)
         alpha = log_alpha.exp()
         entropy = -(alpha * log_alpha).sum(-1)  # (B,)

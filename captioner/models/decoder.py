@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captioner.models.attention import ATTENTION, AttentionOutput
+from captioner.models.attention import ATTENTION, AttentionOutput, full_precision
 
 CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 
@@ -50,16 +50,32 @@ def step_cells(cells: nn.ModuleList, x: Tensor, state: State, dropout: nn.Module
     ``dropout`` is applied between layers, not after the last (callers decide what reads the top ``h``).
     Shared by the captioning decoder and the character language model.
     """
+    mixed = torch.is_autocast_enabled(x.device.type)  # bf16 products: keep the state itself in float32
     hs, cs = [], []
     for i, cell in enumerate(cells):
         if isinstance(cell, nn.LSTMCell):
-            h, c = cell(x, (state.h[i], state.c[i]))  # (B, H) each
+            if mixed:
+                h, c = lstm_cell_float_state(cell, x, state.h[i], state.c[i])  # (B, H) each, float32
+            else:
+                h, c = cell(x, (state.h[i], state.c[i]))  # (B, H) each
             cs.append(c)
         else:
-            h = cell(x, state.h[i])  # (B, H)
+            h = full_precision(cell(x, state.h[i]))  # (B, H)
         hs.append(h)
         x = dropout(h) if i + 1 < len(cells) else h
     return State(torch.stack(hs), torch.stack(cs) if cs else state.c)  # (num_layers, B, H)
+
+
+def lstm_cell_float_state(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``cell``'s step under autocast: gate products in low precision, gates and the cell state c in float32.
+
+    ``nn.LSTMCell`` under bf16 autocast returns h and c in bfloat16, so c, the sum that carries the
+    sequence, would be rounded to 8 bits of mantissa at every step. The same parameters, the same function.
+    """
+    gates = full_precision(F.linear(x, cell.weight_ih, cell.bias_ih)) + full_precision(F.linear(h, cell.weight_hh, cell.bias_hh))
+    i, f, g, o = gates.chunk(4, dim=1)  # (B, H) each, PyTorch's gate order
+    c = torch.sigmoid(f) * full_precision(c) + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
+    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 class StepOutput(NamedTuple):
@@ -165,9 +181,9 @@ class AttentionDecoder(nn.Module):
         B = memory.features.size(0)
         if self.image_input == "first":
             x = self.image_proj(memory.features.mean(dim=1))  # (B, E)
-            zeros = x.new_zeros(self.num_layers, B, self.hidden_dim)  # (layers, B, H)
+            zeros = full_precision(x).new_zeros(self.num_layers, B, self.hidden_dim)  # (layers, B, H)
             return self._run_cells(x, State(zeros, zeros if self.cell_type == "lstm" else zeros.new_zeros(0)))
-        init = self.init_mlp(memory.features.mean(dim=1))  # (B, n_init * H)
+        init = full_precision(self.init_mlp(memory.features.mean(dim=1)))  # (B, n_init * H); float32 under autocast too
         init = init.view(B, -1, self.hidden_dim).transpose(0, 1).contiguous()  # (n_init, B, H)
         if self.cell_type == "lstm":
             return State(init[: self.num_layers], init[self.num_layers :])
@@ -180,7 +196,7 @@ class AttentionDecoder(nn.Module):
         attention ignores it.
         """
         pre, alpha, new_state, att, beta = self._advance(prev_word, state, memory, attend)
-        log_probs = F.log_softmax(self.out(self.dropout(pre)), dim=-1)  # (B, V)
+        log_probs = F.log_softmax(full_precision(self.out(self.dropout(pre))), dim=-1)  # (B, V), float32 under autocast too
         if att is None:
             return StepOutput(log_probs, alpha, new_state)
         return StepOutput(log_probs, alpha, new_state, att.location, att.log_prob, att.entropy, beta)
@@ -258,7 +274,7 @@ class AttentionDecoder(nn.Module):
                                  empty if hard else None, empty if hard else None, empty.long() if hard else None)
         # One vocabulary projection for every real token, then each token goes to its (caption, step) slot
         # of the padded outputs, in the callers' caption order (no per-step copies into big tensors).
-        log_probs = F.log_softmax(self.out(self.dropout(torch.cat(pres))), dim=-1)  # (N, V), N real tokens
+        log_probs = F.log_softmax(full_precision(self.out(self.dropout(torch.cat(pres)))), dim=-1)  # (N, V), N real tokens
         slot = torch.cat([order[:b] * (T - 1) + t for t, b in enumerate(active)])  # (N,) flat (row, step) index
 
         def padded(x: Tensor) -> Tensor:  # (N, ...) -> (B, T-1, ...), zeros at padding

@@ -39,7 +39,7 @@ from captioner.training.loggers import IntervalMean, grad_norm, log_val_examples
 from captioner.training.losses import CaptionObjective, SCSTObjective
 from captioner.training.optim import fit_to_budget, make_optimizer, make_scheduler
 from captioner.training.state import Progress, StopFlag, TrainingInterrupted, rng_state, set_rng_state
-from captioner.utils import pick_device
+from captioner.utils import autocast, cpu_has_bf16, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,9 @@ def setup(cfg: TrainConfig) -> Job:
     t0 = time.time()
     if cfg.optim.fit_to_budget and not cfg.max_minutes:
         raise ConfigError("optim.fit_to_budget=true fits the cosine schedule to max_minutes, but max_minutes is not set")
+    if cfg.scst.epochs and cfg.scst.fit_to_budget and not (cfg.max_minutes or cfg.scst.max_minutes):
+        raise ConfigError("scst.fit_to_budget=true fits the SCST cosine schedule to its time budget, "
+                          "but neither max_minutes nor scst.max_minutes is set")
     info, out_dir, device = start_process(cfg)
     resume_path = resume_checkpoint_path(cfg, out_dir)
     ckpt = load_checkpoint(resume_path) if resume_path else None
@@ -164,6 +167,9 @@ def setup(cfg: TrainConfig) -> Job:
     if ckpt:
         restore(job, ckpt, resume_path)
     broadcast_parameters(model, info)
+    if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        log.warning("precision=bf16 on a CPU without bf16 instructions: the steps will be slower than float32, "
+                    "not faster (precision=fp32 turns it off)")
     if cfg.compile and device.type == "cuda":
         # The step is the hot loop and has static shapes per batch; compiling it leaves checkpoints unchanged.
         model.decoder.step = torch.compile(model.decoder.step)  # type: ignore[method-assign]
@@ -288,8 +294,8 @@ def configure_scst(job: Job) -> None:
     job.loader, job.sampler = make_loader(job.data, cfg, job.info, batch_size=scfg.batch_size, captions_per_image=1)
     # one learning rate for the stage: a fine-tuned encoder does not keep the cross-entropy stage's optim.encoder_lr
     encoder_lr = scfg.lr if scfg.encoder_lr is None else scfg.encoder_lr
-    optim_cfg = dataclasses.replace(cfg.optim, lr=scfg.lr, encoder_lr=encoder_lr, scheduler="none",
-                                    warmup_steps=scfg.warmup_steps, fit_to_budget=False)
+    optim_cfg = dataclasses.replace(cfg.optim, lr=scfg.lr, encoder_lr=encoder_lr, scheduler=scfg.scheduler,
+                                    warmup_steps=scfg.warmup_steps, fit_to_budget=scfg.fit_to_budget)
     job.opt = make_optimizer(job.model, optim_cfg)
     job.sched = make_scheduler(job.opt, optim_cfg, scfg.epochs, job.steps_per_epoch)
     job.ema = WeightAverage(unwrap(job.model), cfg.optim.ema) if cfg.optim.ema else None
@@ -332,10 +338,10 @@ def train_one_epoch(model: Captioner, loader: DataLoader, opt: torch.optim.Optim
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(loader, desc=f"{progress.stage} epoch {progress.epoch}", disable=not cfg.progress, leave=False,
                mininterval=2.0, initial=progress.batch, total=progress.batch + len(loader))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+    mixed = autocast(cfg.precision, device)
     for batch in bar:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast:
+        with mixed:
             losses = objective(model, batch, progress.epoch, info)
         loss = losses["loss"]
         if any_rank(not bool(torch.isfinite(loss)), info):
@@ -439,21 +445,22 @@ def end_of_epoch(job: Job, stats: dict[str, float]) -> dict[str, Any]:
 
 
 def refit_schedule(job: Job, trained: float) -> None:
-    """``optim.fit_to_budget``: after the first epoch, end the cosine schedule where the time budget ends the stage.
+    """``optim.fit_to_budget`` (``scst.fit_to_budget``): after the stage's first epoch, end its cosine where the time budget ends the stage.
 
     Without it a slower machine stops the stage mid-schedule, at a learning rate far from its floor.
     The cost of an epoch is measured on the one just run (its steps, then its validation, ending now;
     ``trained`` is when its steps ended); the horizon is saved with the scheduler, so a resumed run keeps it.
     """
     steps = job.progress.batch - job.epoch_start_batch
-    if not (job.cfg.optim.fit_to_budget and job.stage.name == "xe" and job.stage.deadline and steps > 0):
+    fit = job.cfg.optim.fit_to_budget if job.stage.name == "xe" else job.cfg.scst.fit_to_budget
+    if not (fit and job.stage.deadline and steps > 0):
         return
     now = time.time()
     seconds = [(trained - job.epoch_started) / steps, now - trained, job.stage.deadline - now]
     seconds = gather_objects(seconds, job.info)[0]  # rank 0's timings: every rank fits the same horizon
     total = fit_to_budget(job.sched, job.steps_per_epoch, *seconds)
     if total is not None:
-        log.info("optim.fit_to_budget: the cosine schedule now ends at step %d (%.1f epochs) instead of %d, "
+        log.info("fit_to_budget: the cosine schedule now ends at step %d (%.1f epochs) instead of %d, "
                  "where the time budget ends the %s stage", total, total / job.steps_per_epoch,
                  job.stage.epochs * job.steps_per_epoch, job.stage.name)
 
