@@ -12,7 +12,10 @@ One step = ``scst_step_loss`` (memory once per image, 5 samples per image with g
 baseline, rewards of samples and greedy captions) + backward + Adam. For scale, a teacher-forced
 cross-entropy step on the same batch (32 images x 5 captions of 11 words) is timed as well.
 
-    python benchmarks/scst.py [--iters 3] [--threads 2] [--baseline greedy]
+    python benchmarks/scst.py [--iters 3] [--threads 2] [--baseline greedy] [--precision fp32|bf16|both]
+
+``--precision both`` times every step in float32 and under bf16 autocast (``precision=bf16``), interleaved in
+the same process, and prints the ratios.
 
 The last line printed is a JSON object.
 """
@@ -31,6 +34,7 @@ from captioner.metrics.reward import CiderDReward
 from captioner.models.decoder import AttentionDecoder
 from captioner.training.losses import caption_loss
 from captioner.training.scst import SCSTConfig, scst_step_loss
+from captioner.utils import autocast, cpu_has_bf16
 
 
 def main() -> None:
@@ -43,7 +47,11 @@ def main() -> None:
     ap.add_argument("--end-prob", type=float, default=0.09)
     ap.add_argument("--max-len", type=int, default=16)
     ap.add_argument("--train-images", type=int, default=6000)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"])
     args = ap.parse_args()
+    if args.precision != "fp32" and not cpu_has_bf16():
+        print("note: this CPU has no native bf16 products; bf16 will be slower than float32 here")
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -84,52 +92,67 @@ def main() -> None:
 
     timed_reward = Timed()
     gen = torch.Generator().manual_seed(0)
-    steps, rewards_share, words = [], [], []
+    steps = {p: [] for p in precisions}
+    rewards_share = {p: [] for p in precisions}
+    words = {p: [] for p in precisions}
+    cpu = torch.device("cpu")
     for it in range(args.iters + 1):  # the first is a warm-up
         features = torch.randn(B, 49, 1280)
         index = torch.as_tensor(rng.integers(0, args.train_images, B))
-        reward_s[0] = 0.0
-        t = time.perf_counter()
-        losses = scst_step_loss(dec, features, index, timed_reward, cfg, gen)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt.step()
-        dt = time.perf_counter() - t
-        if it:
-            steps.append(dt)
-            rewards_share.append(reward_s[0])
-            words.append(float(losses["words"]))
+        for p in precisions:  # interleaved: both precisions see the same machine load
+            reward_s[0] = 0.0
+            t = time.perf_counter()
+            with autocast(p, cpu):
+                losses = scst_step_loss(dec, features, index, timed_reward, cfg, gen)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            dt = time.perf_counter() - t
+            if it:
+                steps[p].append(dt)
+                rewards_share[p].append(reward_s[0])
+                words[p].append(float(losses["words"]))
 
     # Teacher forcing on the same sizes, for scale.
-    ce = []
+    ce = {p: [] for p in precisions}
     for it in range(args.iters + 1):
         features = torch.randn(B, 49, 1280)
         caps = torch.randint(len(SPECIALS), V, (B * args.samples, 13))
         caps[:, 0], caps[:, -1] = vocab.start_id, vocab.end_id
         image_of = torch.arange(B).repeat_interleave(args.samples)
-        t = time.perf_counter()
-        out = dec(features, caps, image_of=image_of)
-        loss = caption_loss(out, caps)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if it:
-            ce.append(time.perf_counter() - t)
+        for p in precisions:
+            t = time.perf_counter()
+            with autocast(p, cpu):
+                out = dec(features, caps, image_of=image_of)
+                loss = caption_loss(out, caps)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if it:
+                ce[p].append(time.perf_counter() - t)
 
-    step_ms = 1000 * float(np.median(steps))
-    reward_ms = 1000 * float(np.median(rewards_share))
-    ce_ms = 1000 * float(np.median(ce))
-    summary = {
-        "images": B, "samples": args.samples, "baseline": args.baseline, "threads": args.threads, "iters": args.iters,
-        "mean_words": round(float(np.mean(words)), 2), "scst_step_ms": round(step_ms, 1), "reward_ms": round(reward_ms, 2),
-        "reward_share": round(reward_ms / step_ms, 4), "xent_step_ms": round(ce_ms, 1),
-        "scst_vs_xent": round(step_ms / ce_ms, 2), "reward_build_s": round(build_s, 2),
-        "reward_captions_per_step": B * args.samples + (B if args.baseline == "greedy" else 0),
-    }
-    print(f"SCST step ({B} images x {args.samples} samples, {args.baseline} baseline, mean {summary['mean_words']} words): "
-          f"{step_ms:.0f} ms; reward {reward_ms:.1f} ms ({100 * reward_ms / step_ms:.1f}%)")
-    print(f"cross-entropy step, same batch: {ce_ms:.0f} ms (SCST {step_ms / ce_ms:.2f}x); reward built in {build_s:.1f} s "
-          f"for {args.train_images} images")
+    summary = {"images": B, "samples": args.samples, "baseline": args.baseline, "threads": args.threads, "iters": args.iters,
+               "reward_build_s": round(build_s, 2),
+               "reward_captions_per_step": B * args.samples + (B if args.baseline == "greedy" else 0)}
+    for p in precisions:
+        step_ms = 1000 * float(np.median(steps[p]))
+        reward_ms = 1000 * float(np.median(rewards_share[p]))
+        ce_ms = 1000 * float(np.median(ce[p]))
+        key = "" if p == precisions[0] else f"{p}_"
+        summary.update({
+            f"{key}precision": p, f"{key}mean_words": round(float(np.mean(words[p])), 2),
+            f"{key}scst_step_ms": round(step_ms, 1), f"{key}reward_ms": round(reward_ms, 2),
+            f"{key}reward_share": round(reward_ms / step_ms, 4), f"{key}xent_step_ms": round(ce_ms, 1),
+            f"{key}scst_vs_xent": round(step_ms / ce_ms, 2)})
+        print(f"[{p}] SCST step ({B} images x {args.samples} samples, {args.baseline} baseline, mean "
+              f"{summary[key + 'mean_words']} words): {step_ms:.0f} ms; reward {reward_ms:.1f} ms ({100 * reward_ms / step_ms:.1f}%)")
+        print(f"[{p}] cross-entropy step, same batch: {ce_ms:.0f} ms (SCST {step_ms / ce_ms:.2f}x)")
+    print(f"reward built in {build_s:.1f} s for {args.train_images} images")
+    if len(precisions) == 2:
+        summary["bf16_speedup_scst"] = round(summary["scst_step_ms"] / summary["bf16_scst_step_ms"], 2)
+        summary["bf16_speedup_xent"] = round(summary["xent_step_ms"] / summary["bf16_xent_step_ms"], 2)
+        print(f"bf16 vs float32: SCST step {summary['bf16_speedup_scst']:.2f}x, cross-entropy step "
+              f"{summary['bf16_speedup_xent']:.2f}x faster")
     print(json.dumps(summary))
 
 
