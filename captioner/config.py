@@ -193,6 +193,9 @@ class SCSTConfig:
             raise ConfigError(f"scst.max_len must be >= 1 and scst.temperature > 0; got {self.max_len}, {self.temperature}")
 
 
+PRECISIONS = ("auto", "bf16", "fp32")  # training steps: see captioner.utils.autocast
+
+
 @dataclass
 class TrainConfig:
     """The training job (``conf/train.yaml``)."""
@@ -229,8 +232,8 @@ class TrainConfig:
     test_block_bad_endings: bool = False  # also test the widest test beam with decode.block_bad_endings ("blocked/...")
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass

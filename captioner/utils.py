@@ -11,6 +11,8 @@ from typing import IO, Any
 
 import torch
 
+from captioner.config import PRECISIONS
+
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA when available; an unavailable CUDA device is a ValueError naming it."""
@@ -20,9 +22,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for but CUDA is not available")
     return dev
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def autocast(precision: str, device: torch.device) -> torch.autocast:
