@@ -96,18 +96,23 @@ def main() -> None:
     rewards_share = {p: [] for p in precisions}
     words = {p: [] for p in precisions}
     cpu = torch.device("cpu")
+
+    def timed_step(p: str, loss_of) -> tuple[float, dict]:
+        """One optimiser step under precision p: (seconds, the dict loss_of returned)."""
+        t = time.perf_counter()
+        with autocast(p, cpu):
+            out = loss_of()
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        return time.perf_counter() - t, out
+
     for it in range(args.iters + 1):  # the first is a warm-up
         features = torch.randn(B, 49, 1280)
         index = torch.as_tensor(rng.integers(0, args.train_images, B))
         for p in precisions:  # interleaved: both precisions see the same machine load
             reward_s[0] = 0.0
-            t = time.perf_counter()
-            with autocast(p, cpu):
-                losses = scst_step_loss(dec, features, index, timed_reward, cfg, gen)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            opt.step()
-            dt = time.perf_counter() - t
+            dt, losses = timed_step(p, lambda: scst_step_loss(dec, features, index, timed_reward, cfg, gen))
             if it:
                 steps[p].append(dt)
                 rewards_share[p].append(reward_s[0])
@@ -121,15 +126,9 @@ def main() -> None:
         caps[:, 0], caps[:, -1] = vocab.start_id, vocab.end_id
         image_of = torch.arange(B).repeat_interleave(args.samples)
         for p in precisions:
-            t = time.perf_counter()
-            with autocast(p, cpu):
-                out = dec(features, caps, image_of=image_of)
-                loss = caption_loss(out, caps)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            dt, _ = timed_step(p, lambda: caption_loss(dec(features, caps, image_of=image_of), caps))
             if it:
-                ce[p].append(time.perf_counter() - t)
+                ce[p].append(dt)
 
     summary = {"images": B, "samples": args.samples, "baseline": args.baseline, "threads": args.threads, "iters": args.iters,
                "reward_build_s": round(build_s, 2),
