@@ -121,3 +121,12 @@ def test_scst_stage_sets_a_fine_tuned_encoders_learning_rate(tiny_cfg, extra, ex
     configure_scst(job)
     lrs = {("encoder" if all(id(p) in enc for p in g["params"]) else "decoder"): g["initial_lr"] for g in job.opt.param_groups}
     assert lrs == {"decoder": pytest.approx(3e-4), "encoder": pytest.approx(expected)}
+
+
+def test_flickr8k_scst_recipe_selects_both_stages_on_cider_and_never_stops_the_cosine_early():
+    cfg = compose_train(["experiment=flickr8k_scst", "data.root=/nonexistent", "output_dir=/tmp/x"])
+    assert (cfg.val_metric, cfg.scst.val_metric) == ("CIDEr-D", "CIDEr-D")
+    assert cfg.patience == cfg.epochs == 10  # patience follows the stage's length ...
+    assert compose_train(["experiment=flickr8k_scst", "epochs=14", "output_dir=/tmp/x"]).patience == 14  # ... when changed
+    assert compose_train(["experiment=flickr8k_soft", "output_dir=/tmp/x"]).val_metric == "BLEU-4"  # the parent keeps its own
+    assert (cfg.scst.temperature, cfg.scst.baseline, cfg.scst.samples, cfg.encoder.name) == (0.5, "mean", 5, "efficientnet_lite0")
