@@ -568,7 +568,7 @@ def test_dropout_off_samples_the_eval_mode_policy_with_gradients():
     out = scst_step_loss(dec, features, IMAGES, reward, cfg, torch.Generator().manual_seed(5))
     assert dec.training  # restored
     for k in ("loss", "reward", "entropy", "words"):
-        assert float(out[k]) == pytest.approx(float(ref[k]), rel=1e-12, abs=1e-12)
+        assert out[k].item() == pytest.approx(ref[k].item(), rel=1e-12, abs=1e-12)
     grads = torch.autograd.grad(out["loss"], params(dec), allow_unused=True)
     assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
     # with dropout on (the default) the training-mode rollout differs from the eval-mode one
