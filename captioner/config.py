@@ -85,7 +85,9 @@ class ModelConfig:
     # C < D projects them linearly to C once per image (a rank-C factorisation of every weight that
     # reads the context: same model family, (D - C) x (4H + E) fewer multiply-adds per word).
     context_dim: Optional[int] = None
-    dropout: float = 0.5
+    dropout: float = 0.5  # on h (to the output layer and between layers) and on the deep output's pre-logits
+    feature_dropout: float = 0.0  # on the annotation vectors: one mask per image, kept for all its steps (and captions)
+    embed_dropout: float = 0.0  # on the word embeddings fed to the cell and the deep output
     beta_gate: bool = True
     deep_output: bool = True
 

@@ -258,3 +258,36 @@ def test_rows_sharing_an_image_memory_match_copies_of_it(kind):
     if kind != "none":  # Show and Tell reads no per-image memory in a step
         with pytest.raises(ValueError, match="not a whole number of rows per image"):
             dec.step(words[:-1], state.index_select(torch.arange(3 * K - 1)), mem)
+
+
+def test_input_dropout_only_acts_in_training_and_adds_no_weights():
+    plain = _decoder()
+    dropped = _decoder(feature_dropout=0.5, embed_dropout=0.5)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # old checkpoints load into either
+    feats, caps, lengths = _batch()
+    dropped.eval()
+    torch.testing.assert_close(dropped(feats, caps, lengths).log_probs, plain.eval()(feats, caps, lengths).log_probs)
+    dropped.train()
+    torch.manual_seed(0)
+    noisy = dropped(feats, caps, lengths).log_probs
+    assert (noisy - plain(feats, caps, lengths).log_probs).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("attention", ["soft", "none"])
+def test_feature_dropout_reaches_everything_the_image_enters(attention):
+    # p = 1 drops every annotation value: attention scores, context and initial state no longer see the image
+    dec = _decoder(attention=attention, feature_dropout=1.0).train()
+    feats, caps, lengths = _batch()
+    other = torch.randn_like(feats) * 3 + 1
+    torch.testing.assert_close(dec(feats, caps, lengths).log_probs, dec(other, caps, lengths).log_probs)
+    assert (dec.eval()(feats, caps, lengths).log_probs - dec(other, caps, lengths).log_probs).abs().max() > 1e-3
+
+
+def test_embed_dropout_reaches_every_use_of_the_previous_word():
+    # p = 1 zeroes the embeddings fed to the cell and to the deep output: the words before no longer matter
+    dec = _decoder(embed_dropout=1.0).train()
+    feats, caps, lengths = _batch()
+    shuffled = caps.clone()
+    shuffled[:, 1:] = torch.where(caps[:, 1:] >= 4, 4 + (caps[:, 1:] - 4 + 3) % 7, caps[:, 1:])  # other words, same layout
+    assert not torch.equal(shuffled, caps)
+    torch.testing.assert_close(dec(feats, caps, lengths).log_probs, dec(feats, shuffled, lengths).log_probs)

@@ -124,6 +124,8 @@ class AttentionDecoder(nn.Module):
         deep_output: bool = True,
         image_input: str = "init",
         context_dim: int | None = None,
+        feature_dropout: float = 0.0,
+        embed_dropout: float = 0.0,
     ):
         super().__init__()
         if cell not in CELLS:
@@ -160,6 +162,11 @@ class AttentionDecoder(nn.Module):
         else:
             self.image_proj = nn.Linear(feature_dim, embed_dim)  # the image as the input at step -1
         self.dropout = nn.Dropout(dropout)
+        # Input dropout, as the attention models of self-critical.pytorch apply to their embedded image
+        # features and word embeddings: one mask per image for the whole caption (the memory is computed
+        # once per image), a fresh one per word embedding. Off (0) by default, as in the paper.
+        self.feature_dropout = nn.Dropout(feature_dropout)
+        self.embed_dropout = nn.Dropout(embed_dropout)
         if deep_output:
             # p(y_t) ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)), eq. (7) of the paper.
             self.out_h = nn.Linear(hidden_dim, embed_dim)
@@ -171,6 +178,7 @@ class AttentionDecoder(nn.Module):
     # ----------------------------------------------------------------------------------------------
     def init_memory(self, features: Tensor) -> Memory:
         """Per-image tensors reused at every step: the features (projected to context_dim if set) and their attention projection."""
+        features = self.feature_dropout(features)  # (B, L, D); identity in eval mode or at p = 0
         if self.attention is None:
             return Memory(features, features.new_zeros(features.size(0), 0))  # nothing to project
         values = self.context_proj(features) if self.context_proj is not None else features  # (B, L, C)
@@ -208,7 +216,7 @@ class AttentionDecoder(nn.Module):
         Teacher forcing collects the pre-logit vectors of all steps and projects them in one matrix
         product; ``step`` projects one step's. Both give the same numbers.
         """
-        emb = self.embed(prev_word)  # (B, E)
+        emb = self.embed_dropout(self.embed(prev_word))  # (B, E)
         if self.attention is None:  # Show and Tell: the image only enters through the initial state
             B, L = emb.size(0), memory.features.size(1)
             new_state = self._run_cells(emb, state)
