@@ -14,6 +14,7 @@ WORDS = ["a", "red", "circle"]
 # The decoder options a format-1 checkpoint stored before the loss options left ModelConfig (they never went in).
 OLD_DECODER = ("embed_dim", "hidden_dim", "attn_dim", "cell", "num_layers", "dropout", "attention", "beta_gate",
                "deep_output", "image_input", "context_dim")
+NEW_DECODER = ("feature_dropout", "embed_dropout")  # added later, defaulting to off: old checkpoints lack them
 
 
 def _model():
@@ -23,9 +24,11 @@ def _model():
 
 def test_model_config_holds_exactly_the_decoder_options_older_checkpoints_hold(tmp_path):
     model = _model()
-    assert set(model.spec.decoder) == set(OLD_DECODER)
+    assert set(model.spec.decoder) == set(OLD_DECODER + NEW_DECODER)
     save_checkpoint(tmp_path / "m.pt", model, Vocabulary.build([WORDS], min_count=1))
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    for k in NEW_DECODER:
+        del ckpt["model_config"]["decoder"][k]  # as written before the option existed
     ckpt["config"] = {"model": {"lambda_r": 1.0, "soft_mix": 0.5}, "optim": {"label_smoothing": 0.1}}  # the old run config
     torch.save(ckpt, tmp_path / "old.pt")
     loaded, vocab = load_captioner(tmp_path / "old.pt")
