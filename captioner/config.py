@@ -90,6 +90,7 @@ class ModelConfig:
     embed_dropout: float = 0.0  # on the word embeddings fed to the cell and the deep output
     beta_gate: bool = True
     deep_output: bool = True
+    tie_embeddings: bool = False  # the output layer's weights are the word embeddings (one V x E matrix)
 
 
 @dataclass

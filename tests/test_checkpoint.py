@@ -14,7 +14,7 @@ WORDS = ["a", "red", "circle"]
 # The decoder options a format-1 checkpoint stored before the loss options left ModelConfig (they never went in).
 OLD_DECODER = ("embed_dim", "hidden_dim", "attn_dim", "cell", "num_layers", "dropout", "attention", "beta_gate",
                "deep_output", "image_input", "context_dim")
-NEW_DECODER = ("feature_dropout", "embed_dropout")  # added later, defaulting to off: old checkpoints lack them
+NEW_DECODER = ("feature_dropout", "embed_dropout", "tie_embeddings")  # added later, defaulting to off: old checkpoints lack them
 
 
 def _model():
@@ -44,3 +44,15 @@ def test_other_format_version_is_refused_naming_it(tmp_path):
     torch.save(ckpt, tmp_path / "v2.pt")
     with pytest.raises(CheckpointError, match=r"v2.pt: checkpoint format 2 is not supported \(this version reads 1\)"):
         load_captioner(tmp_path / "v2.pt")
+
+
+def test_tied_embeddings_stay_tied_through_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(EncoderConfig(channels=8), ModelConfig(embed_dim=8, hidden_dim=8, attn_dim=8, tie_embeddings=True),
+                        4 + len(WORDS), 32)
+    with torch.no_grad():
+        model.decoder.embed.weight.add_(1.0)  # as after training: both uses see the change
+    save_checkpoint(tmp_path / "m.pt", model, Vocabulary.build([WORDS], min_count=1))
+    loaded, _ = load_captioner(tmp_path / "m.pt")
+    assert loaded.decoder.out.weight is loaded.decoder.embed.weight
+    torch.testing.assert_close(loaded.decoder.out.weight, model.decoder.embed.weight, rtol=0, atol=0)

@@ -291,3 +291,29 @@ def test_embed_dropout_reaches_every_use_of_the_previous_word():
     shuffled[:, 1:] = torch.where(caps[:, 1:] >= 4, 4 + (caps[:, 1:] - 4 + 3) % 7, caps[:, 1:])  # other words, same layout
     assert not torch.equal(shuffled, caps)
     torch.testing.assert_close(dec(feats, caps, lengths).log_probs, dec(feats, shuffled, lengths).log_probs)
+
+
+@pytest.mark.parametrize("attention", ["soft", "none"])
+def test_tied_embeddings_are_one_matrix_whose_gradient_sums_both_uses(attention):
+    tied = _decoder(attention=attention, tie_embeddings=True).double()
+    assert tied.out.weight is tied.embed.weight
+    untied = _decoder(attention=attention).double()
+    untied.load_state_dict(tied.state_dict())  # the same keys: equal input and output matrices, held apart
+    V, E = tied.embed.weight.shape
+    assert sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in tied.parameters()) == V * E
+    feats, caps, lengths = _batch()
+    feats = feats.double()
+    out_t, out_u = tied(feats, caps, lengths), untied(feats, caps, lengths)
+    torch.testing.assert_close(out_t.log_probs, out_u.log_probs, rtol=1e-12, atol=1e-12)
+    caption_loss(out_t, caps)["loss"].backward()
+    caption_loss(out_u, caps)["loss"].backward()
+    g_in, g_out = untied.embed.weight.grad, untied.out.weight.grad
+    assert g_in.abs().max() > 1e-6 and g_out.abs().max() > 1e-6  # both uses carry a gradient
+    torch.testing.assert_close(tied.embed.weight.grad, g_in + g_out, rtol=1e-10, atol=1e-12)
+
+
+def test_tied_embeddings_need_embed_dim_wide_pre_logits():
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        _decoder(tie_embeddings=True, deep_output=False)  # hidden 10, embeddings 8
+    dec = _decoder(tie_embeddings=True, deep_output=False, hidden_dim=8)
+    assert dec.out.weight is dec.embed.weight

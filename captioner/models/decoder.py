@@ -126,6 +126,7 @@ class AttentionDecoder(nn.Module):
         context_dim: int | None = None,
         feature_dropout: float = 0.0,
         embed_dropout: float = 0.0,
+        tie_embeddings: bool = False,
     ):
         super().__init__()
         if cell not in CELLS:
@@ -137,6 +138,9 @@ class AttentionDecoder(nn.Module):
         if context_dim is not None and (attention == "none" or not 0 < context_dim < feature_dim):
             raise ValueError(f"context_dim must be between 1 and the feature width {feature_dim} (exclusive), "
                              f"and needs attention; got {context_dim} with attention={attention!r}")
+        if tie_embeddings and not deep_output and hidden_dim != embed_dim:
+            raise ValueError(f"tie_embeddings needs the deep output (its pre-logits are embed_dim wide) or hidden_dim == "
+                             f"embed_dim; got deep_output=False, hidden_dim={hidden_dim}, embed_dim={embed_dim}")
         if not 1 <= num_layers <= 4:
             raise ValueError(f"num_layers must be 1-4, got {num_layers}")
         self.vocab_size, self.feature_dim, self.hidden_dim = vocab_size, feature_dim, hidden_dim
@@ -174,6 +178,16 @@ class AttentionDecoder(nn.Module):
             self.out = nn.Linear(embed_dim, vocab_size)
         else:
             self.out = nn.Linear(hidden_dim, vocab_size)
+        self.tie_embeddings = tie_embeddings
+        if tie_embeddings:
+            # One (V, E) matrix embeds the previous word and scores the next (Press & Wolf 2017; the paper's
+            # L_o = E^T): V x E fewer weights, and every output-layer update also moves the word's embedding.
+            # Initialised U(-0.1, 0.1) as tied language models are: N(0, 1) rows would start the logits
+            # at a scale of sqrt(E).
+            with torch.no_grad():
+                nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+                self.embed.weight[0].zero_()  # <pad>'s row, as nn.Embedding(padding_idx=0) starts it
+            self.out.weight = self.embed.weight
 
     # ----------------------------------------------------------------------------------------------
     def init_memory(self, features: Tensor) -> Memory:
