@@ -196,7 +196,7 @@ class SCSTConfig:
             raise ConfigError(f"scst.max_len must be >= 1 and scst.temperature > 0; got {self.max_len}, {self.temperature}")
 
 
-PRECISIONS = ("auto", "bf16", "fp32")  # training steps: see captioner.utils.autocast
+PRECISIONS = ("auto", "native", "bf16", "fp32")  # training steps: see captioner.utils.autocast
 
 
 @dataclass
@@ -222,7 +222,8 @@ class TrainConfig:
     val_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
     threads: Optional[int] = None  # torch intra-op threads on CPU
-    precision: str = "auto"  # training steps: auto (bf16 autocast on CUDA, float32 on CPU) | bf16 (any device) | fp32
+    precision: str = "auto"  # training steps: auto (bf16 autocast on CUDA, float32 on CPU) | native (bf16 where the
+    # device multiplies bf16 natively: CUDA with bf16, a CPU with AVX512-BF16 or AMX; float32 elsewhere) | bf16 (any device) | fp32
     compile: bool = False  # torch.compile the decoder step (CUDA; no effect on CPU)
     output_dir: str = MISSING
     resume: Optional[str] = None  # a checkpoint path, or "auto" for <output_dir>/last.pt if it exists

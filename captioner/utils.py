@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -25,18 +26,33 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def autocast(precision: str, device: torch.device) -> torch.autocast:
-    """The autocast context of a training step: ``auto`` bf16 on CUDA only, ``bf16`` on any device, ``fp32`` none.
+    """The autocast context of a training step: ``auto`` bf16 on CUDA only, ``native`` bf16 where the device
+    multiplies bf16 natively (:func:`native_bf16`), ``bf16`` on any device, ``fp32`` none.
 
     Under bf16 the matrix products run in bfloat16; the decoder keeps its recurrent state, softmaxes and
     log-probabilities in float32 (``captioner.models.decoder``), and weights, gradients and the optimiser
     stay float32. On a CPU it pays only where the CPU has bf16 instructions (AVX512-BF16 or AMX).
     """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether ``precision`` means bf16 autocast on ``device`` (see :func:`autocast`)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+    if precision == "native":
+        return native_bf16(device)
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 natively: a CUDA device with bf16 support, or a CPU with bf16 instructions."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bfloat16 products (oneDNN's check); without them bf16 autocast is slower, not faster."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)

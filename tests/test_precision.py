@@ -108,3 +108,20 @@ def test_training_in_bf16_follows_float32_and_writes_float32_checkpoints(tiny_cf
         assert abs(a - b) <= 0.02 * abs(a), losses
     ckpt = load_checkpoint(tmp_path / "bf16" / "last.pt")
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_native_precision_is_bf16_exactly_where_the_cpu_multiplies_bf16(monkeypatch, tiny_cfg):
+    """``precision=native`` (the Flickr8k SCST recipe's): bf16 on a CPU with bf16 instructions, float32 on one without."""
+    import captioner.utils as utils
+
+    cpu = torch.device("cpu")
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(utils, "cpu_has_bf16", lambda: has_bf16)
+        assert utils.uses_bf16("native", cpu) is has_bf16
+        with utils.autocast("native", cpu):
+            x = torch.randn(3, 4) @ torch.randn(4, 2)
+        assert x.dtype == (torch.bfloat16 if has_bf16 else torch.float32)
+        assert utils.uses_bf16("bf16", cpu) and not utils.uses_bf16("fp32", cpu) and not utils.uses_bf16("auto", cpu)
+    assert tiny_cfg("precision=native").precision == "native"
+    with pytest.raises(ValueError, match="precision"):
+        utils.uses_bf16("half", cpu)

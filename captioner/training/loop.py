@@ -39,7 +39,7 @@ from captioner.training.loggers import IntervalMean, grad_norm, log_val_examples
 from captioner.training.losses import CaptionObjective, SCSTObjective
 from captioner.training.optim import fit_to_budget, make_optimizer, make_scheduler
 from captioner.training.state import Progress, StopFlag, TrainingInterrupted, rng_state, set_rng_state
-from captioner.utils import autocast, cpu_has_bf16, pick_device
+from captioner.utils import autocast, cpu_has_bf16, pick_device, uses_bf16
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,10 @@ def setup(cfg: TrainConfig) -> Job:
     broadcast_parameters(model, info)
     if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         log.warning("precision=bf16 on a CPU without bf16 instructions: the steps will be slower than float32, "
-                    "not faster (precision=fp32 turns it off)")
+                    "not faster (precision=native or fp32 turns it off)")
+    elif cfg.precision == "native":
+        log.info("precision=native: %s on this %s", "bf16 autocast" if uses_bf16("native", device) else
+                 "float32 (no native bf16 products)", device.type.upper())
     if cfg.compile and device.type == "cuda":
         # The step is the hot loop and has static shapes per batch; compiling it leaves checkpoints unchanged.
         model.decoder.step = torch.compile(model.decoder.step)  # type: ignore[method-assign]
