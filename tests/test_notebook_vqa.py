@@ -21,7 +21,7 @@ def test_committed_without_outputs():
 
 @pytest.mark.slow
 def test_vqa_notebook_runs_and_beats_the_image_blind_baselines(tmp_path, monkeypatch):
-    """Trains a tiny model for 4 epochs (about 15 s), draws the glimpses of every question type, tabulates per-type accuracy."""
+    """Trains a tiny model for 4 epochs (15-45 s), draws the glimpses of every question type, tabulates per-type accuracy."""
     from nbclient import NotebookClient
 
     out = tmp_path / "out"

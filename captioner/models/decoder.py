@@ -178,7 +178,6 @@ class AttentionDecoder(nn.Module):
             self.out = nn.Linear(embed_dim, vocab_size)
         else:
             self.out = nn.Linear(hidden_dim, vocab_size)
-        self.tie_embeddings = tie_embeddings
         if tie_embeddings:
             # One (V, E) matrix embeds the previous word and scores the next (Press & Wolf 2017; the paper's
             # L_o = E^T): V x E fewer weights, and every output-layer update also moves the word's embedding.

@@ -39,7 +39,7 @@ from captioner.training.loggers import IntervalMean, grad_norm, log_val_examples
 from captioner.training.losses import CaptionObjective, SCSTObjective
 from captioner.training.optim import fit_to_budget, make_optimizer, make_scheduler
 from captioner.training.state import Progress, StopFlag, TrainingInterrupted, rng_state, set_rng_state
-from captioner.utils import autocast, cpu_has_bf16, pick_device, uses_bf16
+from captioner.utils import autocast, native_bf16, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +167,13 @@ def setup(cfg: TrainConfig) -> Job:
     if ckpt:
         restore(job, ckpt, resume_path)
     broadcast_parameters(model, info)
-    if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        log.warning("precision=bf16 on a CPU without bf16 instructions: the steps will be slower than float32, "
-                    "not faster (precision=native or fp32 turns it off)")
+    native = native_bf16(device)
+    if cfg.precision == "bf16" and not native:
+        log.warning("precision=bf16 on a %s without native bf16 products: the steps will be slower than float32, "
+                    "not faster (precision=native or fp32 turns it off)", device.type.upper())
     elif cfg.precision == "native":
-        log.info("precision=native: %s on this %s", "bf16 autocast" if uses_bf16("native", device) else
-                 "float32 (no native bf16 products)", device.type.upper())
+        log.info("precision=native: %s on this %s", "bf16 autocast" if native else "float32 (no native bf16 products)",
+                 device.type.upper())
     if cfg.compile and device.type == "cuda":
         # The step is the hot loop and has static shapes per batch; compiling it leaves checkpoints unchanged.
         model.decoder.step = torch.compile(model.decoder.step)  # type: ignore[method-assign]
