@@ -1,6 +1,6 @@
 """Cost of one SCST step on CPU, and the reward's share of it, at the Flickr8k recipe's decoder sizes.
 
-Decoder: LSTM 512, embedding 512, attention 512, rank-512 context, 7x7 = 49 locations x 1280 features
+Decoder: LSTM 512, embedding 512, attention 512, rank-512 context, 7x7 = 49 locations (``--grid``) x 1280 features
 (EfficientNet-Lite0, random here), a 2,500-word vocabulary, dropout 0.5 in training mode. Weights are
 random; only the caption lengths matter for the cost, so <end>'s output bias is set to give it
 probability ``--end-prob`` per step (0.09: about 10 words, Flickr8k's mean caption length) and the
@@ -12,7 +12,7 @@ One step = ``scst_step_loss`` (memory once per image, 5 samples per image with g
 baseline, rewards of samples and greedy captions) + backward + Adam. For scale, a teacher-forced
 cross-entropy step on the same batch (32 images x 5 captions of 11 words) is timed as well.
 
-    python benchmarks/scst.py [--iters 3] [--threads 2] [--baseline greedy] [--precision fp32|bf16|both]
+    python benchmarks/scst.py [--iters 3] [--threads 2] [--baseline greedy] [--precision fp32|bf16|both] [--grid 7]
 
 ``--precision both`` times every step in float32 and under bf16 autocast (``precision=bf16``), interleaved in
 the same process, and prints the ratios.
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=16)
     ap.add_argument("--train-images", type=int, default=6000)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"])
+    ap.add_argument("--grid", type=int, default=7, help="G: G x G feature locations (7 at 224 px, 10 at 320 px)")
     args = ap.parse_args()
     if args.precision != "fp32" and not cpu_has_bf16():
         print("note: this CPU has no native bf16 products; bf16 will be slower than float32 here")
@@ -108,7 +109,7 @@ def main() -> None:
         return time.perf_counter() - t, out
 
     for it in range(args.iters + 1):  # the first is a warm-up
-        features = torch.randn(B, 49, 1280)
+        features = torch.randn(B, args.grid * args.grid, 1280)
         index = torch.as_tensor(rng.integers(0, args.train_images, B))
         for p in precisions:  # interleaved: both precisions see the same machine load
             reward_s[0] = 0.0
@@ -121,7 +122,7 @@ def main() -> None:
     # Teacher forcing on the same sizes, for scale.
     ce = {p: [] for p in precisions}
     for it in range(args.iters + 1):
-        features = torch.randn(B, 49, 1280)
+        features = torch.randn(B, args.grid * args.grid, 1280)
         caps = torch.randint(len(SPECIALS), V, (B * args.samples, 13))
         caps[:, 0], caps[:, -1] = vocab.start_id, vocab.end_id
         image_of = torch.arange(B).repeat_interleave(args.samples)
