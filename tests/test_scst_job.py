@@ -67,6 +67,16 @@ def test_one_command_runs_both_stages_and_tests_both_checkpoints(tiny_cfg, tmp_p
     assert results["blocked/bad_endings"] == 0.0
 
 
+def test_init_from_a_checkpoint_trained_at_another_image_size_is_refused(tiny_cfg, tmp_path):
+    from captioner.models.checkpoint import CheckpointError
+    from captioner.training.loop import train
+
+    train(tiny_cfg("test=false"))  # 64 px
+    with pytest.raises(CheckpointError, match=r"best\.pt: init_from was trained on 64 px.*data\.image_size=48.*data\.image_size=64"):
+        train(tiny_cfg("epochs=0", "scst.epochs=1", "data.image_size=48", f"init_from={tmp_path / 'run' / 'best.pt'}",
+                       f"output_dir={tmp_path / 'other'}"))
+
+
 def test_scst_stage_interrupted_mid_epoch_resumes_exactly(tiny_cfg, tmp_path, monkeypatch):
     import captioner.training.loop as loop
     from captioner.models.checkpoint import load_checkpoint

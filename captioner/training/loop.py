@@ -201,7 +201,16 @@ def start_process(cfg: TrainConfig) -> tuple[DistInfo, Path, torch.device]:
 
 
 def load_weights(model: Captioner, ckpt: dict[str, Any], path: Any) -> None:
-    """Start from another run's weights (``init_from``): the network must be the same."""
+    """Start from another run's weights (``init_from``): the network must be the same, and so must its inputs.
+
+    The attention decoder takes any number of locations, so weights trained on 7x7 features (224 px) would
+    load into a job that feeds them 9x9 ones (288 px) and train on inputs they never saw: refused here.
+    """
+    found = (ckpt.get("model_config") or {}).get("image_size")
+    here = unwrap(model).spec.image_size
+    if found is not None and int(found) != int(here):
+        raise CheckpointError(f"{path}: init_from was trained on {found} px images, this job uses data.image_size={here} "
+                              f"(the features differ); add data.image_size={found} to start from it")
     try:
         unwrap(model).load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as e:
