@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=16)
     ap.add_argument("--train-images", type=int, default=6000)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"])
-    ap.add_argument("--grid", type=int, default=7, help="G: G x G feature locations (7 at 224 px, 10 at 320 px)")
+    ap.add_argument("--grid", type=int, default=7, help="G: G x G feature locations (Lite0: 7 at 224 px, 9 at 288 px as in flickr8k_scst)")
     args = ap.parse_args()
     if args.precision != "fp32" and not cpu_has_bf16():
         print("note: this CPU has no native bf16 products; bf16 will be slower than float32 here")
