@@ -206,9 +206,8 @@ def load_weights(model: Captioner, ckpt: dict[str, Any], path: Any) -> None:
     The attention decoder takes any number of locations, so weights trained on 7x7 features (224 px) would
     load into a job that feeds them 9x9 ones (288 px) and train on inputs they never saw: refused here.
     """
-    found = (ckpt.get("model_config") or {}).get("image_size")
-    here = unwrap(model).spec.image_size
-    if found is not None and int(found) != int(here):
+    found, here = int(ckpt["model_config"]["image_size"]), unwrap(model).spec.image_size  # model_config: checked on load
+    if found != here:
         raise CheckpointError(f"{path}: init_from was trained on {found} px images, this job uses data.image_size={here} "
                               f"(the features differ); add data.image_size={found} to start from it")
     try:
