@@ -12,7 +12,7 @@ One step = ``scst_step_loss`` (memory once per image, 5 samples per image with g
 baseline, rewards of samples and greedy captions) + backward + Adam. For scale, a teacher-forced
 cross-entropy step on the same batch (32 images x 5 captions of 11 words) is timed as well.
 
-    python benchmarks/scst.py [--iters 3] [--threads 2] [--baseline greedy] [--precision fp32|bf16|both] [--grid 7]
+    python benchmarks/scst.py [--iters 3] [--threads 2] [--baseline greedy] [--precision fp32|bf16|both] [--grid 7] [--query current]
 
 ``--precision both`` times every step in float32 and under bf16 autocast (``precision=bf16``), interleaved in
 the same process, and prints the ratios.
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=6000)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"])
     ap.add_argument("--grid", type=int, default=7, help="G: G x G feature locations (Lite0: 7 at 224 px, 9 at 288 px as in flickr8k_scst)")
+    ap.add_argument("--query", default="previous", choices=["previous", "current"], help="model.query: what drives the attention")
     args = ap.parse_args()
     if args.precision != "fp32" and not cpu_has_bf16():
         print("note: this CPU has no native bf16 products; bf16 will be slower than float32 here")
@@ -67,7 +68,8 @@ def main() -> None:
     reward = CiderDReward(refs, vocab, include_end=True)
     build_s = time.perf_counter() - t0
 
-    dec = AttentionDecoder(V, 1280, embed_dim=512, hidden_dim=512, attn_dim=512, context_dim=512, dropout=0.5)
+    dec = AttentionDecoder(V, 1280, embed_dim=512, hidden_dim=512, attn_dim=512, context_dim=512, dropout=0.5,
+                           query=args.query)
     with torch.no_grad():  # <end> with probability end_prob per step at initialisation: realistic lengths
         logit = np.log(args.end_prob / (1 - args.end_prob) * (V - 1))
         dec.out.bias[vocab.end_id] = float(logit)

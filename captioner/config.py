@@ -91,6 +91,10 @@ class ModelConfig:
     beta_gate: bool = True
     deep_output: bool = True
     tie_embeddings: bool = False  # the output layer's weights are the word embeddings (one V x E matrix)
+    # What drives the attention: "previous" (the paper) scores the locations with h_{t-1} and feeds the context
+    # to the cell; "current" (Lu et al. 2017's spatial attention) runs the cell first on [word; mean context]
+    # and scores them with h_t, which has read the current word; the context then enters the output layer only.
+    query: str = "previous"
 
 
 @dataclass

@@ -37,10 +37,10 @@ THE = BAD_VOCAB.index["the"]
 EXHAUSTIVE_K = (V - 1) ** MAX_LEN * V
 
 
-def tiny_decoder(seed: int, attention: str = "soft", end_bias: float = 0.0) -> AttentionDecoder:
+def tiny_decoder(seed: int, attention: str = "soft", end_bias: float = 0.0, query: str = "previous") -> AttentionDecoder:
     """A random decoder whose word distributions are peaked enough for rankings to matter."""
     torch.manual_seed(seed)
-    decoder = AttentionDecoder(V, D, embed_dim=12, hidden_dim=12, attn_dim=8, attention=attention, dropout=0.0)
+    decoder = AttentionDecoder(V, D, embed_dim=12, hidden_dim=12, attn_dim=8, attention=attention, dropout=0.0, query=query)
     with torch.no_grad():
         decoder.out.weight.mul_(3.0)
         decoder.out.bias[END] += end_bias
@@ -122,10 +122,10 @@ def allowed(seq: tuple[int, ...], allow_unk: bool = False, block_bad_endings: bo
 
 
 @pytest.mark.parametrize("penalty", ["none", "average", "gnmt"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_beam_with_large_k_equals_exhaustive_search(seed: int, penalty: str) -> None:
+@pytest.mark.parametrize("seed, query", [(0, "previous"), (1, "previous"), (0, "current")])
+def test_beam_with_large_k_equals_exhaustive_search(seed: int, query: str, penalty: str) -> None:
     """Default decoding (<unk> suppressed) = the best captions without <unk>, by their true log-probabilities."""
-    decoder, feats = tiny_decoder(seed), tiny_features(seed, batch=2)
+    decoder, feats = tiny_decoder(seed, query=query), tiny_features(seed, batch=2)
     beams = beam_search(decoder, feats, VOCAB, beam_size=EXHAUSTIVE_K, max_len=MAX_LEN, length_penalty=penalty, n_best=3)
     for b in range(2):
         scored = {s: v for s, v in enumerate_finished(decoder, feats[b : b + 1], MAX_LEN).items() if UNK not in s}

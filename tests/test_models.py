@@ -136,6 +136,10 @@ def test_bad_decoder_options():
         _decoder(cell="transformer")
     with pytest.raises(ValueError, match="num_layers"):
         _decoder(num_layers=5)
+    with pytest.raises(ValueError, match="query"):
+        _decoder(query="next")
+    with pytest.raises(ValueError, match="query"):
+        _decoder(query="current", attention="none")
     with pytest.raises(KeyError, match="unknown encoder"):
         Encoder("resnet9000")
 
@@ -234,11 +238,11 @@ def test_attention_scores_are_the_papers_tanh_form_in_every_code_path(monkeypatc
         scorer(scorer.project(feats), hidden[:10])
 
 
-@pytest.mark.parametrize("kind", ["soft", "hard", "none", "context"])
+@pytest.mark.parametrize("kind", ["soft", "hard", "none", "context", "current"])
 def test_rows_sharing_an_image_memory_match_copies_of_it(kind):
     """Beam search's K rows per image read one memory entry: the same step as K copies of it."""
     kw = {"soft": {}, "hard": {"attention": "hard"}, "none": {"attention": "none", "beta_gate": False},
-          "context": {"context_dim": 4}}[kind]
+          "context": {"context_dim": 4}, "current": {"query": "current", "context_dim": 4}}[kind]
     dec = _decoder(**kw).eval()
     feats, caps, _ = _batch()
     K = 4
@@ -317,3 +321,39 @@ def test_tied_embeddings_need_embed_dim_wide_pre_logits():
         _decoder(tie_embeddings=True, deep_output=False)  # hidden 10, embeddings 8
     dec = _decoder(tie_embeddings=True, deep_output=False, hidden_dim=8)
     assert dec.out.weight is dec.embed.weight
+
+
+@pytest.mark.parametrize("query", ["previous", "current"])
+def test_only_the_current_query_lets_the_input_word_choose_where_to_look(query):
+    # previous (the paper): alpha_t is scored with h_{t-1}, before the cell reads y_{t-1}; current (Lu et al.
+    # 2017): the cell reads y_{t-1} first and h_t scores the locations
+    dec = _decoder(query=query).eval()
+    feats, caps, _ = _batch()
+    mem = dec.init_memory(feats)
+    state = dec.init_state(mem)
+    with torch.no_grad():
+        a, b = dec.step(caps[:, 1], state, mem), dec.step(caps[:, 2], state, mem)
+    assert not torch.equal(caps[:, 1], caps[:, 2])
+    moved = (a.alpha - b.alpha).abs().max()
+    assert (moved > 1e-3) if query == "current" else (moved == 0)
+    assert (a.log_probs - b.log_probs).abs().max() > 1e-3  # the word reaches the output either way
+
+
+@pytest.mark.parametrize("cell, layers, attention", [("lstm", 1, "soft"), ("gru", 2, "soft"), ("lstm", 2, "hard")])
+def test_current_query_trains_every_parameter_and_steps_match_teacher_forcing(cell, layers, attention):
+    dec = _decoder(query="current", cell=cell, num_layers=layers, attention=attention, context_dim=4).double()
+    feats, caps, lengths = _batch()
+    feats = feats.double()
+    out = dec(feats, caps, lengths, attend="argmax")
+    caption_loss(out, caps, lambda_ds=1.0)["loss"].backward()
+    for n, p in dec.named_parameters():
+        assert p.grad is not None, n
+        if n != "embed.weight":
+            assert p.grad.abs().sum() > 0, n
+    mem = dec.init_memory(feats)  # one word at a time through step() gives the teacher-forced numbers
+    state = dec.init_state(mem)
+    for t in range(int(lengths.min()) - 1):
+        o = dec.step(caps[:, t], state, mem, attend="argmax")
+        torch.testing.assert_close(o.log_probs, out.log_probs[:, t], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(o.alpha, out.alphas[:, t], rtol=1e-10, atol=1e-12)
+        state = o.state

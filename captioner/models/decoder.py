@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captioner.models.attention import ATTENTION, AttentionOutput, full_precision
+from captioner.models.attention import ATTENTION, AttentionOutput, full_precision, rows_per_image
 
 CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 
@@ -127,6 +127,7 @@ class AttentionDecoder(nn.Module):
         feature_dropout: float = 0.0,
         embed_dropout: float = 0.0,
         tie_embeddings: bool = False,
+        query: str = "previous",
     ):
         super().__init__()
         if cell not in CELLS:
@@ -141,11 +142,13 @@ class AttentionDecoder(nn.Module):
         if tie_embeddings and not deep_output and hidden_dim != embed_dim:
             raise ValueError(f"tie_embeddings needs the deep output (its pre-logits are embed_dim wide) or hidden_dim == "
                              f"embed_dim; got deep_output=False, hidden_dim={hidden_dim}, embed_dim={embed_dim}")
+        if query not in ("previous", "current") or (query == "current" and attention == "none"):
+            raise ValueError(f"query must be 'previous', or 'current' with attention; got {query!r} with attention={attention!r}")
         if not 1 <= num_layers <= 4:
             raise ValueError(f"num_layers must be 1-4, got {num_layers}")
         self.vocab_size, self.feature_dim, self.hidden_dim = vocab_size, feature_dim, hidden_dim
         self.cell_type, self.num_layers, self.attention_type = cell, num_layers, attention
-        self.deep_output, self.image_input = deep_output, image_input
+        self.deep_output, self.image_input, self.query = deep_output, image_input, query
         attends = attention != "none"
         # Optional low-rank context: annotation vectors projected once per image to context_dim; the
         # attention scores still read the full features.
@@ -154,9 +157,10 @@ class AttentionDecoder(nn.Module):
 
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         self.attention = ATTENTION[attention](feature_dim, hidden_dim, attn_dim) if attends else None
-        # The paper's gating scalar: beta_t = sigmoid(f_beta(h_{t-1})) scales the context.
+        # The paper's gating scalar: beta_t = sigmoid(f_beta(h_{t-1})) scales the context (h_t with query="current").
         self.f_beta = nn.Linear(hidden_dim, 1) if beta_gate and attends else None
         cls = CELLS[cell]
+        # query="previous" (the paper): the cell reads [E y_{t-1}; z_t]; "current": [E y_{t-1}; mean context]
         first_in = embed_dim + (ctx_dim if attends else 0)
         self.cells = nn.ModuleList([cls(first_in if i == 0 else hidden_dim, hidden_dim) for i in range(num_layers)])
         n_init = num_layers * (2 if cell == "lstm" else 1)
@@ -237,15 +241,21 @@ class AttentionDecoder(nn.Module):
             pre = torch.tanh(emb + self.out_h(self.dropout(h))) if self.deep_output else h
             uniform = memory.features.new_full((B, L), 1.0 / L)  # (B, L)
             return pre, uniform, new_state, None, None
-        h_top = state.h[-1]  # (B, H) h_{t-1} of the top layer drives the attention
+        if self.query == "current":  # Lu et al. 2017: the cell runs first, h_t decides where to look
+            mean = memory.features.mean(dim=1)  # (n, C) per image; g rows each in beam search
+            mean = mean.repeat_interleave(rows_per_image(emb.size(0), mean.size(0)), dim=0)  # (B, C)
+            new_state = self._run_cells(torch.cat([emb, mean], dim=-1), state)  # input (B, E + C)
+            h_top = new_state.h[-1]  # (B, H) h_t drives the attention
+        else:
+            h_top = state.h[-1]  # (B, H) h_{t-1} of the top layer drives the attention
         att: AttentionOutput = self.attention(memory.features, memory.projected, h_top, mode=attend or "sample")
         z = att.context  # (B, D)
         beta = None
         if self.f_beta is not None:
             beta = torch.sigmoid(self.f_beta(h_top))  # (B, 1)
             z = beta * z
-        x = torch.cat([emb, z], dim=-1)  # (B, E + D)
-        new_state = self._run_cells(x, state)
+        if self.query == "previous":
+            new_state = self._run_cells(torch.cat([emb, z], dim=-1), state)  # input (B, E + D)
         h = new_state.h[-1]
         pre = torch.tanh(emb + self.out_h(self.dropout(h)) + self.out_z(z)) if self.deep_output else h  # (B, E)
         return pre, att.alpha, new_state, att, beta
