@@ -77,6 +77,23 @@ def test_init_from_a_checkpoint_trained_at_another_image_size_is_refused(tiny_cf
                        f"output_dir={tmp_path / 'other'}"))
 
 
+def test_resume_or_init_from_a_checkpoint_wired_or_fed_otherwise_is_refused(tiny_cfg, tmp_path):
+    from captioner.models.checkpoint import CheckpointError
+    from captioner.training.loop import train
+
+    train(tiny_cfg("test=false", "epochs=1"))  # 64 px, model.query=previous
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"last\.pt: the run to resume was trained on 64 px.*data\.image_size=64 to resume it"):
+        train(tiny_cfg("test=false", "epochs=2", "resume=auto", "data.image_size=48"))
+    with pytest.raises(CheckpointError, match=r"last\.pt: the run to resume was trained with model\.query=previous.*"
+                                              r"model\.query=current.*add model\.query=previous"):
+        train(tiny_cfg("test=false", "epochs=2", "resume=auto", "model.query=current"))
+    with pytest.raises(CheckpointError, match=r"best\.pt: init_from was trained with model\.query=previous"):
+        train(tiny_cfg("epochs=0", "scst.epochs=1", "model.query=current", f"init_from={run / 'best.pt'}",
+                       f"output_dir={tmp_path / 'other'}"))
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # the refused resumes trained nothing
+
+
 def test_scst_stage_interrupted_mid_epoch_resumes_exactly(tiny_cfg, tmp_path, monkeypatch):
     import captioner.training.loop as loop
     from captioner.models.checkpoint import load_checkpoint

@@ -145,6 +145,8 @@ def setup(cfg: TrainConfig) -> Job:
     if info.is_main:
         data.vocab.save(out_dir / "vocab.json")
     model = build_model(cfg.encoder, cfg.model, len(data.vocab), cfg.data.image_size).to(device)
+    if ckpt is not None:
+        check_same_wiring(model, ckpt, resume_path, "the run to resume", "resume it")
     if init is not None:
         load_weights(model, init, cfg.init_from)
     if cfg.data.features:
@@ -200,16 +202,27 @@ def start_process(cfg: TrainConfig) -> tuple[DistInfo, Path, torch.device]:
     return info, out_dir, device
 
 
-def load_weights(model: Captioner, ckpt: dict[str, Any], path: Any) -> None:
-    """Start from another run's weights (``init_from``): the network must be the same, and so must its inputs.
+def check_same_wiring(model: Captioner, ckpt: dict[str, Any], path: Any, what: str, fix: str) -> None:
+    """Refuse weights that would load without a shape error into a network that uses them differently.
 
     The attention decoder takes any number of locations, so weights trained on 7x7 features (224 px) would
-    load into a job that feeds them 9x9 ones (288 px) and train on inputs they never saw: refused here.
+    load into a job that feeds them 9x9 ones (288 px) and train on inputs they never saw; ``model.query``
+    rewires the same weights (what drives the attention, what the cell reads).
     """
-    found, here = int(ckpt["model_config"]["image_size"]), unwrap(model).spec.image_size  # model_config: checked on load
+    spec, saved = unwrap(model).spec, ckpt["model_config"]  # model_config: checked on load
+    found, here = int(saved["image_size"]), spec.image_size
     if found != here:
-        raise CheckpointError(f"{path}: init_from was trained on {found} px images, this job uses data.image_size={here} "
-                              f"(the features differ); add data.image_size={found} to start from it")
+        raise CheckpointError(f"{path}: {what} was trained on {found} px images, this job uses data.image_size={here} "
+                              f"(the features differ); add data.image_size={found} to {fix}")
+    found, here = saved["decoder"].get("query", "previous"), spec.decoder.get("query", "previous")  # older: previous
+    if found != here:
+        raise CheckpointError(f"{path}: {what} was trained with model.query={found}, this job has model.query={here} "
+                              f"(the same weights, wired differently); add model.query={found} to {fix}")
+
+
+def load_weights(model: Captioner, ckpt: dict[str, Any], path: Any) -> None:
+    """Start from another run's weights (``init_from``): the network must be the same, and so must its inputs."""
+    check_same_wiring(model, ckpt, path, "init_from", "start from it")
     try:
         unwrap(model).load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as e:
