@@ -26,10 +26,15 @@ class Memory(NamedTuple):
 
     features: Tensor  # (B, L, C) annotation vectors the context is made of (C = D unless context_dim is set)
     projected: Tensor  # (B, L, A) attention projection of the features
+    pooled: Tensor  # (B, C) their mean over the locations (initial state; the cell's input with query="current")
 
     def index_select(self, index: Tensor) -> "Memory":
         """Entries ``index`` of every tensor (reordering, expanding or dropping images)."""
-        return Memory(self.features.index_select(0, index), self.projected.index_select(0, index))
+        return Memory(*(x.index_select(0, index) for x in self))
+
+    def rows(self, b: int) -> "Memory":
+        """The first ``b`` entries (teacher forcing drops the captions that have ended)."""
+        return Memory(*(x[:b] for x in self))
 
 
 class State(NamedTuple):
@@ -197,18 +202,18 @@ class AttentionDecoder(nn.Module):
         """Per-image tensors reused at every step: the features (projected to context_dim if set) and their attention projection."""
         features = self.feature_dropout(features)  # (B, L, D); identity in eval mode or at p = 0
         if self.attention is None:
-            return Memory(features, features.new_zeros(features.size(0), 0))  # nothing to project
+            return Memory(features, features.new_zeros(features.size(0), 0), features.mean(dim=1))  # nothing to project
         values = self.context_proj(features) if self.context_proj is not None else features  # (B, L, C)
-        return Memory(values, self.attention.project(features))  # (B, L, C), (B, L, A)
+        return Memory(values, self.attention.project(features), values.mean(dim=1))  # (B, L, C), (B, L, A), (B, C)
 
     def init_state(self, memory: Memory) -> State:
         """h_0 (and c_0) from MLPs of the mean annotation vector (or, Show-and-Tell style, by reading the image)."""
         B = memory.features.size(0)
         if self.image_input == "first":
-            x = self.image_proj(memory.features.mean(dim=1))  # (B, E)
+            x = self.image_proj(memory.pooled)  # (B, E)
             zeros = full_precision(x).new_zeros(self.num_layers, B, self.hidden_dim)  # (layers, B, H)
             return self._run_cells(x, State(zeros, zeros if self.cell_type == "lstm" else zeros.new_zeros(0)))
-        init = full_precision(self.init_mlp(memory.features.mean(dim=1)))  # (B, n_init * H); float32 under autocast too
+        init = full_precision(self.init_mlp(memory.pooled))  # (B, n_init * H); float32 under autocast too
         init = init.view(B, -1, self.hidden_dim).transpose(0, 1).contiguous()  # (n_init, B, H)
         if self.cell_type == "lstm":
             return State(init[: self.num_layers], init[self.num_layers :])
@@ -242,8 +247,8 @@ class AttentionDecoder(nn.Module):
             uniform = memory.features.new_full((B, L), 1.0 / L)  # (B, L)
             return pre, uniform, new_state, None, None
         if self.query == "current":  # Lu et al. 2017: the cell runs first, h_t decides where to look
-            mean = memory.features.mean(dim=1)  # (n, C) per image; g rows each in beam search
-            mean = mean.repeat_interleave(rows_per_image(emb.size(0), mean.size(0)), dim=0)  # (B, C)
+            g = rows_per_image(emb.size(0), memory.pooled.size(0))  # g rows per image in beam search
+            mean = memory.pooled.repeat_interleave(g, dim=0) if g > 1 else memory.pooled  # (B, C)
             new_state = self._run_cells(torch.cat([emb, mean], dim=-1), state)  # input (B, E + C)
             h_top = new_state.h[-1]  # (B, H) h_t drives the attention
         else:
@@ -291,7 +296,7 @@ class AttentionDecoder(nn.Module):
             b = active[t]
             if b < state.h.size(1):  # finished rows drop out; rows are sorted so they are the last ones
                 state = State(state.h[:, :b], state.c[:, :b] if state.c.numel() else state.c)
-                memory = Memory(memory.features[:b], memory.projected[:b])
+                memory = memory.rows(b)
             pre, alpha, state, att, _ = self._advance(captions[:b, t], state, memory, attend)
             pres.append(pre)
             alphas.append(alpha)
