@@ -154,6 +154,7 @@ def test_flickr8k_scst_recipe_selects_both_stages_on_cider_and_never_stops_the_c
     cfg = compose_train(["experiment=flickr8k_scst", "data.root=/nonexistent", "output_dir=/tmp/x"])
     assert (cfg.val_metric, cfg.scst.val_metric) == ("CIDEr-D", "CIDEr-D")
     assert cfg.patience == cfg.epochs == 10  # patience follows the stage's length ...
+    assert cfg.scst.patience == cfg.scst.epochs == 12  # ... in both stages: only the budget ends them
     assert compose_train(["experiment=flickr8k_scst", "epochs=14", "output_dir=/tmp/x"]).patience == 14  # ... when changed
     assert compose_train(["experiment=flickr8k_soft", "output_dir=/tmp/x"]).val_metric == "BLEU-4"  # the parent keeps its own
     assert (cfg.scst.temperature, cfg.scst.baseline, cfg.scst.samples, cfg.encoder.name) == (0.5, "mean", 5, "efficientnet_lite0")
