@@ -67,30 +67,22 @@ def test_one_command_runs_both_stages_and_tests_both_checkpoints(tiny_cfg, tmp_p
     assert results["blocked/bad_endings"] == 0.0
 
 
-def test_init_from_a_checkpoint_trained_at_another_image_size_is_refused(tiny_cfg, tmp_path):
+def test_init_from_or_resume_of_a_checkpoint_fed_or_wired_otherwise_is_refused(tiny_cfg, tmp_path):
     from captioner.models.checkpoint import CheckpointError
     from captioner.training.loop import train
 
-    train(tiny_cfg("test=false"))  # 64 px
+    train(tiny_cfg("test=false"))  # 64 px, model.query=previous
+    run, other = tmp_path / "run", f"output_dir={tmp_path / 'other'}"
+    init = ["epochs=0", "scst.epochs=1", f"init_from={run / 'best.pt'}", other]
     with pytest.raises(CheckpointError, match=r"best\.pt: init_from was trained on 64 px.*data\.image_size=48.*data\.image_size=64"):
-        train(tiny_cfg("epochs=0", "scst.epochs=1", "data.image_size=48", f"init_from={tmp_path / 'run' / 'best.pt'}",
-                       f"output_dir={tmp_path / 'other'}"))
-
-
-def test_resume_or_init_from_a_checkpoint_wired_or_fed_otherwise_is_refused(tiny_cfg, tmp_path):
-    from captioner.models.checkpoint import CheckpointError
-    from captioner.training.loop import train
-
-    train(tiny_cfg("test=false", "epochs=1"))  # 64 px, model.query=previous
-    run = tmp_path / "run"
+        train(tiny_cfg(*init, "data.image_size=48"))
+    with pytest.raises(CheckpointError, match=r"best\.pt: init_from was trained with model\.query=previous"):
+        train(tiny_cfg(*init, "model.query=current"))
     with pytest.raises(CheckpointError, match=r"last\.pt: the run to resume was trained on 64 px.*data\.image_size=64 to resume it"):
         train(tiny_cfg("test=false", "epochs=2", "resume=auto", "data.image_size=48"))
     with pytest.raises(CheckpointError, match=r"last\.pt: the run to resume was trained with model\.query=previous.*"
                                               r"model\.query=current.*add model\.query=previous"):
         train(tiny_cfg("test=false", "epochs=2", "resume=auto", "model.query=current"))
-    with pytest.raises(CheckpointError, match=r"best\.pt: init_from was trained with model\.query=previous"):
-        train(tiny_cfg("epochs=0", "scst.epochs=1", "model.query=current", f"init_from={run / 'best.pt'}",
-                       f"output_dir={tmp_path / 'other'}"))
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # the refused resumes trained nothing
 
 

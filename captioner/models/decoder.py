@@ -199,7 +199,7 @@ class AttentionDecoder(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     def init_memory(self, features: Tensor) -> Memory:
-        """Per-image tensors reused at every step: the features (projected to context_dim if set) and their attention projection."""
+        """Per-image tensors reused at every step: the features (projected to context_dim if set), their attention projection and mean."""
         features = self.feature_dropout(features)  # (B, L, D); identity in eval mode or at p = 0
         if self.attention is None:
             return Memory(features, features.new_zeros(features.size(0), 0), features.mean(dim=1))  # nothing to project

@@ -214,7 +214,7 @@ def check_same_wiring(model: Captioner, ckpt: dict[str, Any], path: Any, what: s
     if found != here:
         raise CheckpointError(f"{path}: {what} was trained on {found} px images, this job uses data.image_size={here} "
                               f"(the features differ); add data.image_size={found} to {fix}")
-    found, here = saved["decoder"].get("query", "previous"), spec.decoder.get("query", "previous")  # older: previous
+    found, here = saved["decoder"].get("query", "previous"), unwrap(model).decoder.query  # older checkpoints: previous
     if found != here:
         raise CheckpointError(f"{path}: {what} was trained with model.query={found}, this job has model.query={here} "
                               f"(the same weights, wired differently); add model.query={found} to {fix}")
