@@ -262,7 +262,7 @@ def make_loader(data: DataBundle, cfg: TrainConfig, info: DistInfo, batch_size: 
     Call ``sampler.set_epoch`` before each epoch. Defaults: ``data.batch_size``, ``data.captions_per_image``.
     """
     groups = CaptionGroups(data.records["train"], data.vocab, data.stores["train"], cfg.data.max_caption_len,
-                           captions_per_image or cfg.data.captions_per_image)
+                           captions_per_image or cfg.data.captions_per_image, hflip=cfg.data.hflip, seed=cfg.seed)
     sampler = EpochSampler(len(groups), cfg.seed, info.rank, info.world_size)
     # A private generator: the loader must not draw from the global RNG, or a resumed run would diverge.
     loader = DataLoader(groups, batch_size=batch_size or cfg.data.batch_size, sampler=sampler, collate_fn=collate_groups,

@@ -88,6 +88,8 @@ def setup_vqa(cfg: Any) -> Job:
     t0 = time.time()
     if cfg.optim.fit_to_budget and not cfg.max_minutes:
         raise ConfigError("optim.fit_to_budget=true fits the cosine schedule to max_minutes, but max_minutes is not set")
+    if cfg.data.hflip:
+        raise ConfigError("data.hflip=true: mirroring would falsify the answers of left/right questions; VQA trains without it")
     info, out_dir, device = start_process(cfg)
     resume_path = resume_checkpoint_path(cfg, out_dir)
     ckpt = load_checkpoint(resume_path) if resume_path else None
