@@ -1,10 +1,11 @@
-"""How well mirroring a cached feature grid stands in for the features of the mirrored photo (data.hflip).
+"""How different an input the mirrored photo is, as the decoder sees it (why data.hflip caches its features).
 
-``data.hflip`` with a feature cache mirrors the (g x g) grid of each training image instead of encoding
-the mirrored photo again. A frozen CNN is mirror-equivariant only approximately (its filters are not
-symmetric), so this measures, on real photos, the cosine similarity between mirror(features(photo)) and
-features(mirror(photo)) per location and for the mean-pooled vector, next to two references: the
-unmirrored grid against the features of the mirrored photo (what no correction would give) and
+Every decoder here treats the L grid locations as a set, so mirroring a cached (g x g) grid gives the same
+input back; what ``data.hflip`` adds with a feature cache is the difference between the features of the
+mirrored photo and the mirrored grid of the photo's features (a frozen CNN is mirror-equivariant only
+approximately: its filters are not symmetric). This measures it on real photos: the cosine similarity
+between mirror(features(photo)) and features(mirror(photo)) per location and for the mean-pooled vector,
+next to two references: the unmirrored grid against the features of the mirrored photo, and
 neighbouring locations of one grid (how alike nearby cells are anyway).
 
     python benchmarks/mirror.py --photos ../shared/datasets/flickr8k/Flicker8k_Dataset [--n 16] [--image-size 288]
@@ -35,7 +36,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    from captioner.data.datasets import mirror
     from captioner.data.images import load_image, to_tensor
     from captioner.models.encoder import Encoder
 
@@ -47,10 +47,10 @@ def main() -> None:
     x = torch.stack([to_tensor(load_image(p), args.image_size, enc.mean, enc.std) for p in paths])  # (N, 3, S, S)
     with torch.no_grad():
         feats, feats_of_mirror = enc(x).double(), enc(x.flip(-1)).double()  # (N, L, D)
-    mirrored = torch.stack([mirror(f) for f in feats])
     N, L, D = feats.shape
     g = int(L**0.5)
     grid = feats.view(N, g, g, D)
+    mirrored = grid.flip(2).reshape(N, L, D)  # the grid mirrored: to every decoder here, the same set of locations
     cos = lambda a, b: float(F.cosine_similarity(a, b, dim=-1).mean())  # noqa: E731
     out = {
         "photos": N, "grid": f"{g}x{g}", "dim": D,

@@ -31,6 +31,7 @@ from captioner.models.encoder import Encoder, encoder_kwargs, feature_spec
 from captioner.utils import pick_device
 from captioner.data.images import ImageLoadError, normalise_uint8
 from captioner.data.sources import SPLITS, ImageRecord
+from captioner.data.build import MIRRORED, mirrored_id
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,16 @@ class _LoadImages(Dataset):
     (its constructor takes two arguments), and a one-line message naming the file beats a worker traceback.
     """
 
-    def __init__(self, store: ImageStore):
-        self.store = store
+    def __init__(self, store: ImageStore, mirror: bool = False):
+        self.store, self.mirror = store, mirror
 
     def __len__(self) -> int:
         return len(self.store)
 
     def __getitem__(self, i: int) -> tuple[Tensor | None, int, tuple[str, str] | None]:
         try:
-            return self.store[i], i, None
+            image = self.store[i]  # (3, S, S) uint8
+            return (image.flip(-1) if self.mirror else image), i, None
         except ImageLoadError as e:
             return None, i, (str(e.path), e.reason)
 
@@ -103,13 +105,17 @@ def encode_to_cache(records: Mapping[str, Sequence[ImageRecord]], encoder: torch
                     info: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Encode every split of ``records`` with the frozen ``encoder`` into ``cache_dir``; returns the manifest.
 
+    A split named ``MIRRORED`` ("train_mirrored") is encoded from its photos mirrored left-right, under the
+    ids ``mirrored_id(image_id)`` (what ``data.hflip`` reads).
+
     ``spec`` is ``feature_spec(...)`` of this encoder. Splits already cached for this spec and image
     list are skipped, an interrupted split resumes from its last checkpoint, and the manifest is written
     only when every split is complete.
     """
     device = torch.device(device)
     image_size = int(spec["image_size"])
-    writer = CacheWriter(cache_dir, spec, {s: [r.image_id for r in rs] for s, rs in records.items()}, overwrite, info)
+    ids = {s: [mirrored_id(r.image_id) if s == MIRRORED else r.image_id for r in rs] for s, rs in records.items()}
+    writer = CacheWriter(cache_dir, spec, ids, overwrite, info)
     try:
         # channels_last: the depthwise convolutions of EfficientNet/MobileNet-style encoders run about
         # twice as fast in this layout on CPU (oneDNN); the numbers are the same up to float rounding.
@@ -135,7 +141,7 @@ def _encode_split(writer: CacheWriter, split: str, recs: Sequence[ImageRecord], 
     if start:
         log.info("%s: resuming at image %d of %d", split, start, len(recs))
     arr = writer.open_split(split, shape, resume=start > 0)
-    loader = DataLoader(_LoadImages(ImageStore(recs[start:], image_size)), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(_LoadImages(ImageStore(recs[start:], image_size), mirror=split == MIRRORED), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
     row, t0 = start, time.time()
     bar = tqdm(total=len(recs), initial=start, desc=f"encoding {split}", unit="img", disable=not progress,
@@ -191,6 +197,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         raise ConfigError(f"unknown splits {unknown}; choose from {list(SPLITS)}")
     records = load_records(cfg.data)
     chosen = {s: records[s] for s in cfg.splits if records.get(s)}
+    if cfg.data.hflip and "train" in chosen:  # the mirrored training photos too, for data.hflip
+        chosen[MIRRORED] = chosen["train"]
     for s in cfg.splits:
         if not records.get(s):
             log.warning("split %s has no images in %s; nothing to cache for it", s, cfg.data.root)

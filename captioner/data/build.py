@@ -89,12 +89,24 @@ def build_data(cfg: DataConfig, vocab: Vocabulary | None = None, progress: bool 
     return data
 
 
+MIRRORED = "train_mirrored"  # the cache split holding the features of the mirrored training photos (data.hflip)
+
+
+def mirrored_id(image_id: str) -> str:
+    """The cache id of a training image's mirrored copy."""
+    return f"{image_id}#mirrored"
+
+
 def open_feature_stores(cfg: DataConfig, records: Mapping[str, Sequence[ImageRecord]],
                         feature_spec: Mapping[str, Any]) -> dict[str, Any]:
     """Open the feature cache ``cfg.features`` for every split, checked against ``feature_spec``."""
     from captioner.data.features import open_cache
 
-    return {s: open_cache(cfg.features, feature_spec, [r.image_id for r in rs], data_name=cfg.name) for s, rs in records.items() if rs}
+    stores = {s: open_cache(cfg.features, feature_spec, [r.image_id for r in rs], data_name=cfg.name) for s, rs in records.items() if rs}
+    if cfg.hflip and records.get("train"):  # the features of the mirrored training photos (prepare with data.hflip=true)
+        stores[MIRRORED] = open_cache(cfg.features, feature_spec, [mirrored_id(r.image_id) for r in records["train"]],
+                                      data_name=cfg.name, hflip=True)
+    return stores
 
 
 def references(records: Sequence[ImageRecord]) -> dict[str, list[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -44,19 +43,6 @@ class ImageStore:
 SIDE_WORDS = frozenset({"left", "right"})  # words a mirrored image would make false
 
 
-def mirror(x: Tensor) -> Tensor:
-    """Left-right mirror of one image (C, H, W) or of cached features (L, D) on a square g x g grid (row-major)."""
-    if x.dim() == 3:
-        return x.flip(-1)
-    if x.dim() != 2:
-        raise ValueError(f"mirror: expected an image (C, H, W) or features (L, D), got shape {tuple(x.shape)}")
-    L, D = x.shape
-    g = math.isqrt(L)
-    if g * g != L:
-        raise ValueError(f"data.hflip: cannot mirror {L} feature locations, which are not a square grid")
-    return x.reshape(g, g, D).flip(1).reshape(L, D)
-
-
 class CaptionGroups(Dataset):
     """Training items: one image with ``k`` of its reference captions.
 
@@ -68,16 +54,23 @@ class CaptionGroups(Dataset):
     the model would drift from template to template with the epochs.
 
     With ``hflip``, each image is mirrored left-right with probability 1/2, drawn afresh every epoch from
-    ``seed`` and the epoch alone (a resumed run flips the same images). A photo (3, S, S) is mirrored
-    exactly; cached features (L, D) of a square grid are mirrored as a grid, which approximates the
-    features of the mirrored photo (Lite0 at 288 px, 9x9: cosine 0.90 per location, 0.97 pooled). Images
-    whose references say "left" or "right" are never mirrored: their captions stay true, and so do the
-    references the SCST reward reads.
+    ``seed`` and the epoch alone (a resumed run mirrors the same images). A photo (3, S, S) is flipped;
+    cached features (L, D) are replaced by the features of the mirrored photo, item i of ``mirrored``
+    (the cache's ``train_mirrored`` split). Mirroring the cached grid instead would change nothing: every
+    decoder here treats the L locations as a set (attention weights and the mean are invariant to their
+    order), so a mirrored grid is the same input. Images whose references say "left" or "right" are
+    never mirrored: their captions stay true, and so do the references the SCST reward reads.
     """
 
     def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary, images: ImageStore, max_len: int,
-                 captions_per_image: int | None = None, hflip: bool = False, seed: int = 0):
-        self.images = images
+                 captions_per_image: int | None = None, hflip: bool = False, seed: int = 0,
+                 mirrored: Sequence[Tensor] | None = None):
+        if hflip and mirrored is None and len(images) and images[0].dim() != 3:
+            raise ValueError("data.hflip with cached features needs the features of the mirrored photos (the cache's "
+                             "train_mirrored split, written by prepare_data.py with data.hflip=true)")
+        if mirrored is not None and len(mirrored) != len(images):
+            raise ValueError(f"{len(mirrored)} mirrored items for {len(images)} images")
+        self.images, self.mirrored = images, mirrored
         self.captions = [[vocab.encode(t, max_len) for t in r.tokens] for r in records]
         self.k = captions_per_image
         self.epoch = 0
@@ -104,8 +97,9 @@ class CaptionGroups(Dataset):
         k = len(caps) if not self.k else min(self.k, len(caps))
         first = (self.epoch * k + i) % len(caps)
         chosen = [caps[(first + j) % len(caps)] for j in range(k)]
-        image = self.images[i]
-        return (mirror(image) if self.flips[i] else image), chosen, i
+        if not self.flips[i]:
+            return self.images[i], chosen, i
+        return (self.mirrored[i] if self.mirrored is not None else self.images[i].flip(-1)), chosen, i
 
 
 class ImagesOnly(Dataset):

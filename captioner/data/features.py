@@ -183,7 +183,7 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any] | None:
 
 
 def open_cache(cache_dir: str | Path, expect: Mapping[str, Any], image_ids: Sequence[str],
-               dtype: torch.dtype = torch.float32, data_name: str | None = None) -> FeatureStore:
+               dtype: torch.dtype = torch.float32, data_name: str | None = None, hflip: bool = False) -> FeatureStore:
     """Open a cache for ``image_ids`` (any of its splits, in this order), refusing a missing, half-written or mismatched one.
 
     ``expect`` is ``captioner.models.encoder.feature_spec(encoder_cfg, image_size, encoder)``. Every compared field that differs,
@@ -191,7 +191,7 @@ def open_cache(cache_dir: str | Path, expect: Mapping[str, Any], image_ids: Sequ
     option, e.g. ``flickr8k``) completes the prepare command quoted in the message.
     """
     cache_dir = Path(cache_dir)
-    command = prepare_command(cache_dir, expect, data_name)
+    command = prepare_command(cache_dir, expect, data_name) + (" data.hflip=true" if hflip else "")
     manifest = read_manifest(cache_dir)
     if manifest is None:
         if cache_dir.is_dir() and any(p.name.endswith(CACHE_SUFFIXES) for p in cache_dir.iterdir()):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.config import ConfigError, TrainConfig, to_dict
-from captioner.data.build import DataBundle, build_data, open_feature_stores
+from captioner.data.build import MIRRORED, DataBundle, build_data, open_feature_stores
 from captioner.data.datasets import CaptionGroups, EpochSampler, collate_groups
 from captioner.data.vocab import Vocabulary
 from captioner.distributed import (
@@ -243,10 +243,13 @@ def attach_feature_cache(cfg: TrainConfig, data: DataBundle, model: Captioner, i
     """Read features from ``cfg.data.features``, made with exactly this (frozen) encoder; build it first if missing."""
     from captioner.data.features import read_manifest
 
-    if cfg.data.build_features and read_manifest(cfg.data.features) is None and info.is_main:
+    manifest = read_manifest(cfg.data.features) if info.is_main else None
+    missing = manifest is None or (cfg.data.hflip and MIRRORED not in manifest["splits"])
+    if cfg.data.build_features and missing and info.is_main:
         from captioner.prepare import PrepareConfig, prepare
 
-        log.info("no feature cache at %s yet: encoding the dataset once", cfg.data.features)
+        log.info("no feature cache at %s yet%s: encoding the dataset once", cfg.data.features,
+                 " (or not of the mirrored training photos, for data.hflip)" if manifest is not None else "")
         prepare(PrepareConfig(data=cfg.data, encoder=cfg.encoder, cache_dir=cfg.data.features,
                               num_workers=max(cfg.data.num_workers, 0), device=str(device), progress=cfg.progress,
                               threads=cfg.threads))
@@ -262,7 +265,8 @@ def make_loader(data: DataBundle, cfg: TrainConfig, info: DistInfo, batch_size: 
     Call ``sampler.set_epoch`` before each epoch. Defaults: ``data.batch_size``, ``data.captions_per_image``.
     """
     groups = CaptionGroups(data.records["train"], data.vocab, data.stores["train"], cfg.data.max_caption_len,
-                           captions_per_image or cfg.data.captions_per_image, hflip=cfg.data.hflip, seed=cfg.seed)
+                           captions_per_image or cfg.data.captions_per_image, hflip=cfg.data.hflip, seed=cfg.seed,
+                           mirrored=data.stores.get(MIRRORED))
     sampler = EpochSampler(len(groups), cfg.seed, info.rank, info.world_size)
     # A private generator: the loader must not draw from the global RNG, or a resumed run would diverge.
     loader = DataLoader(groups, batch_size=batch_size or cfg.data.batch_size, sampler=sampler, collate_fn=collate_groups,
