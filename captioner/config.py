@@ -48,8 +48,9 @@ class DataConfig:
     captions_per_image: Optional[int] = None  # captions per image per batch (None: all of them)
     eval_batch_size: int = 128
     num_workers: int = 0
-    # training only: mirror each training image left-right with probability 1/2, drawn per epoch (cached features:
-    # their grid); images whose references say "left" or "right" are never mirrored (CaptionGroups)
+    # training only: mirror each training image left-right with probability 1/2, drawn per epoch (from a feature
+    # cache: the features of the mirrored photo, its train_mirrored split); images whose references say "left" or
+    # "right" are never mirrored (CaptionGroups)
     hflip: bool = False
     preload: bool = False  # decode every image once into RAM (small datasets)
     features: Optional[str] = None  # a feature cache directory (scripts/prepare_data.py); needs a frozen encoder

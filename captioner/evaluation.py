@@ -188,6 +188,8 @@ def evaluate_job(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score a checkpoint's decoded captions, or a results file, on ``cfg.split``; writes metrics and captions."""
     if (cfg.checkpoint is None) == (cfg.results is None):
         raise ConfigError("give exactly one of checkpoint=PATH (decode and score) or results=PATH (score a results file)")
+    if cfg.data.hflip:
+        raise ConfigError("data.hflip=true mirrors training images; evaluation decodes the photos as they are (drop it)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)

@@ -89,7 +89,7 @@ def test_the_decoders_treat_locations_as_a_set_so_mirroring_a_cached_grid_would_
         torch.testing.assert_close(b.alphas, a.alphas.view(2, -1, 3, 3).flip(-1).reshape(a.alphas.shape), rtol=1e-12, atol=1e-12)
 
 
-def test_cached_training_reads_the_features_of_the_mirrored_photos_and_vqa_refuses_hflip(tiny_cfg, tmp_path):
+def test_cached_training_reads_the_features_of_the_mirrored_photos_and_vqa_and_evaluation_refuse_hflip(tiny_cfg, tmp_path):
     from captioner.data.build import MIRRORED
     from captioner.data.images import normalise_uint8
     from captioner.training import loop
@@ -118,3 +118,11 @@ def test_cached_training_reads_the_features_of_the_mirrored_photos_and_vqa_refus
     cfg = compose_vqa([f"output_dir={tmp_path / 'vqa'}", "data.hflip=true"])
     with pytest.raises(ConfigError, match="data.hflip"):
         setup_vqa(cfg)
+
+    from test_evaluate import compose_evaluate
+
+    from captioner.evaluation import evaluate_job
+
+    cfg = compose_evaluate([f"checkpoint={tmp_path / 'any.pt'}", "data.hflip=true", f"output_dir={tmp_path / 'eval'}"])
+    with pytest.raises(ConfigError, match="data.hflip"):
+        evaluate_job(cfg)

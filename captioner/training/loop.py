@@ -248,8 +248,11 @@ def attach_feature_cache(cfg: TrainConfig, data: DataBundle, model: Captioner, i
     if cfg.data.build_features and missing and info.is_main:
         from captioner.prepare import PrepareConfig, prepare
 
-        log.info("no feature cache at %s yet%s: encoding the dataset once", cfg.data.features,
-                 " (or not of the mirrored training photos, for data.hflip)" if manifest is not None else "")
+        if manifest is None:
+            log.info("no feature cache at %s yet: encoding the dataset once", cfg.data.features)
+        else:
+            log.info("the feature cache at %s has no features of the mirrored training photos (data.hflip): "
+                     "encoding them once", cfg.data.features)
         prepare(PrepareConfig(data=cfg.data, encoder=cfg.encoder, cache_dir=cfg.data.features,
                               num_workers=max(cfg.data.num_workers, 0), device=str(device), progress=cfg.progress,
                               threads=cfg.threads))
