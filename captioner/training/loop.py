@@ -243,9 +243,8 @@ def attach_feature_cache(cfg: TrainConfig, data: DataBundle, model: Captioner, i
     """Read features from ``cfg.data.features``, made with exactly this (frozen) encoder; build it first if missing."""
     from captioner.data.features import read_manifest
 
-    manifest = read_manifest(cfg.data.features) if info.is_main else None
-    missing = manifest is None or (cfg.data.hflip and MIRRORED not in manifest["splits"])
-    if cfg.data.build_features and missing and info.is_main:
+    manifest = read_manifest(cfg.data.features) if cfg.data.build_features and info.is_main else None
+    if cfg.data.build_features and info.is_main and (manifest is None or (cfg.data.hflip and MIRRORED not in manifest["splits"])):
         from captioner.prepare import PrepareConfig, prepare
 
         if manifest is None:
