@@ -99,6 +99,9 @@ class ModelConfig:
     # to the cell; "current" (Lu et al. 2017's spatial attention) runs the cell first on [word; mean context]
     # and scores them with h_t, which has read the current word; the context then enters the output layer only.
     query: str = "previous"
+    # Where the locations are: "none" (the paper) gives the decoder the grid as a set of L vectors; "sincos" adds
+    # a learned linear map of fixed sin/cos codes of each location's grid coordinates to its vector (any square grid)
+    positions: str = "none"
 
 
 @dataclass

@@ -14,7 +14,7 @@ WORDS = ["a", "red", "circle"]
 # The decoder options a format-1 checkpoint stored before the loss options left ModelConfig (they never went in).
 OLD_DECODER = ("embed_dim", "hidden_dim", "attn_dim", "cell", "num_layers", "dropout", "attention", "beta_gate",
                "deep_output", "image_input", "context_dim")
-NEW_DECODER = ("feature_dropout", "embed_dropout", "tie_embeddings", "query")  # added later, defaulting to off: old checkpoints lack them
+NEW_DECODER = ("feature_dropout", "embed_dropout", "tie_embeddings", "query", "positions")  # added later, defaulting to off: old checkpoints lack them
 
 
 def _model():

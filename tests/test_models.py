@@ -357,3 +357,63 @@ def test_current_query_trains_every_parameter_and_steps_match_teacher_forcing(ce
         torch.testing.assert_close(o.log_probs, out.log_probs[:, t], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(o.alpha, out.alphas[:, t], rtol=1e-10, atol=1e-12)
         state = o.state
+
+
+def test_grid_position_codes_say_where_a_location_is_on_any_square_grid():
+    from captioner.models.decoder import grid_positions
+
+    for g in (3, 7, 9):
+        codes = grid_positions(g * g).view(g, g, 4, -1)  # (row, col, [sin y, cos y, sin x, cos x], frequency)
+        mid = g // 2  # odd grids have a centre location at y = x = 0: every sine 0, every cosine 1
+        torch.testing.assert_close(codes[mid, mid, 0::2], torch.zeros(2, 4, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(codes[mid, mid, 1::2], torch.ones(2, 4, dtype=torch.float64), rtol=0, atol=1e-12)
+        mirrored = codes.flip(1)  # left-right: x sines change sign, x cosines and every y code stay
+        torch.testing.assert_close(mirrored[:, :, 2], -codes[:, :, 2], rtol=0, atol=1e-12)
+        torch.testing.assert_close(mirrored[:, :, [0, 1, 3]], codes[:, :, [0, 1, 3]], rtol=0, atol=1e-12)
+        torch.testing.assert_close(codes.transpose(0, 1)[:, :, 2:], codes[:, :, :2], rtol=0, atol=1e-12)  # x of (r, c) = y of (c, r)
+        assert torch.unique(codes.reshape(g * g, -1), dim=0).size(0) == g * g  # no two locations share a code
+    top_left = grid_positions(4)[0].view(4, -1)[:, 0]  # 2x2 grid: centre at y = x = -1/2
+    torch.testing.assert_close(top_left, torch.tensor([-1.0, 0.0, -1.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="square grid"):
+        grid_positions(12)
+
+
+def test_positions_start_as_the_set_model_then_make_the_decoder_see_the_layout():
+    feats, caps, lengths = _batch(L=9)
+    feats = feats.double()
+    plain, placed = _decoder().double().eval(), _decoder(positions="sincos").double().eval()
+    missing = placed.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["position.weight"] and not placed.position.weight.any()  # zero at the start
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(placed(feats, caps, lengths).log_probs, plain(feats, caps, lengths).log_probs,
+                                   rtol=0, atol=1e-12)
+        placed.position.weight.normal_(generator=torch.Generator().manual_seed(4))
+        a, b = plain(feats, caps, lengths), plain(feats[:, perm], caps, lengths)
+        torch.testing.assert_close(a.log_probs, b.log_probs, rtol=0, atol=1e-12)  # the set model: any order
+        a, b = placed(feats, caps, lengths), placed(feats[:, perm], caps, lengths)
+    assert (a.log_probs - b.log_probs).abs().max() > 1e-3  # now the same vectors elsewhere read differently
+
+
+@pytest.mark.parametrize("attention, query", [("soft", "previous"), ("hard", "previous"), ("soft", "current")])
+def test_positions_train_every_parameter_and_steps_match_teacher_forcing(attention, query):
+    dec = _decoder(positions="sincos", attention=attention, query=query, context_dim=4).double()
+    feats, caps, lengths = _batch(L=16)
+    feats = feats.double()
+    out = dec(feats, caps, lengths, attend="argmax")
+    caption_loss(out, caps, lambda_ds=1.0)["loss"].backward()
+    assert dec.position.weight.grad.abs().sum() > 0  # zero weights still receive a gradient
+    for n, p in dec.named_parameters():
+        assert p.grad is not None, n
+    mem = dec.init_memory(feats)
+    state = dec.init_state(mem)
+    for t in range(int(lengths.min()) - 1):
+        o = dec.step(caps[:, t], state, mem, attend="argmax")
+        torch.testing.assert_close(o.log_probs, out.log_probs[:, t], rtol=1e-10, atol=1e-12)
+        state = o.state
+    with pytest.raises(ValueError, match="positions"):
+        _decoder(positions="learned")
+    with pytest.raises(ValueError, match="positions"):
+        _decoder(positions="sincos", attention="none")
+    with pytest.raises(ValueError, match="square grid of locations; got L=5"):
+        dec.init_memory(feats[:, :5])

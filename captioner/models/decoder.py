@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,6 +85,27 @@ def lstm_cell_float_state(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) ->
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
+POSITION_FREQUENCIES = 4  # sin/cos of pi * 2^k * coordinate, k = 0..3, for each of the two axes
+
+
+def grid_positions(num_locations: int, frequencies: int = POSITION_FREQUENCIES) -> Tensor:
+    """Fixed codes of where each location of a square grid is: (L, 4 * frequencies), rows in raster order.
+
+    A location's centre has coordinates y, x in (-1, 1) (the middle of the grid is 0, whatever its size);
+    its code is [sin(pi 2^k y), cos(pi 2^k y), sin(pi 2^k x), cos(pi 2^k x)] for k = 0..frequencies-1.
+    The same codes serve any grid size (7x7 at 224 px, 9x9 at 288 px), and mirroring a location
+    left-right negates its x sines and keeps its cosines.
+    """
+    g = math.isqrt(num_locations)
+    if g * g != num_locations:
+        raise ValueError(f"model.positions needs a square grid of locations; got L={num_locations}")
+    centre = (torch.arange(g, dtype=torch.float64) + 0.5) * (2.0 / g) - 1.0  # (g,) in (-1, 1)
+    y, x = centre.repeat_interleave(g), centre.repeat(g)  # (L,) each, raster order (row by row)
+    scale = math.pi * 2.0 ** torch.arange(frequencies, dtype=torch.float64)  # (F,)
+    codes = [f(c.unsqueeze(1) * scale) for c in (y, x) for f in (torch.sin, torch.cos)]  # 4 x (L, F)
+    return torch.cat(codes, dim=1)  # (L, 4F)
+
+
 class StepOutput(NamedTuple):
     """One decoding step: word log-probabilities, attention, the new state, and hard-attention extras."""
 
@@ -133,6 +156,7 @@ class AttentionDecoder(nn.Module):
         embed_dropout: float = 0.0,
         tie_embeddings: bool = False,
         query: str = "previous",
+        positions: str = "none",
     ):
         super().__init__()
         if cell not in CELLS:
@@ -149,12 +173,22 @@ class AttentionDecoder(nn.Module):
                              f"embed_dim; got deep_output=False, hidden_dim={hidden_dim}, embed_dim={embed_dim}")
         if query not in ("previous", "current") or (query == "current" and attention == "none"):
             raise ValueError(f"query must be 'previous', or 'current' with attention; got {query!r} with attention={attention!r}")
+        if positions not in ("none", "sincos") or (positions == "sincos" and attention == "none"):
+            raise ValueError(f"positions must be 'none', or 'sincos' with attention; got {positions!r} with attention={attention!r}")
         if not 1 <= num_layers <= 4:
             raise ValueError(f"num_layers must be 1-4, got {num_layers}")
         self.vocab_size, self.feature_dim, self.hidden_dim = vocab_size, feature_dim, hidden_dim
         self.cell_type, self.num_layers, self.attention_type = cell, num_layers, attention
-        self.deep_output, self.image_input, self.query = deep_output, image_input, query
+        self.deep_output, self.image_input, self.query, self.positions = deep_output, image_input, query, positions
         attends = attention != "none"
+        # Where each location is: without it the decoder sees the grid as a set (any permutation of the L
+        # locations gives the same captions). positions="sincos" adds a learned linear map of fixed codes of
+        # the location's grid coordinates (grid_positions) to its annotation vector, so both the attention
+        # scores and the context know where a vector came from. Zero at the start: training begins from the
+        # set model and learns what position adds.
+        self.position = nn.Linear(4 * POSITION_FREQUENCIES, feature_dim, bias=False) if positions == "sincos" else None
+        if self.position is not None:
+            nn.init.zeros_(self.position.weight)
         # Optional low-rank context: annotation vectors projected once per image to context_dim; the
         # attention scores still read the full features.
         self.context_proj = nn.Linear(feature_dim, context_dim, bias=False) if context_dim is not None else None
@@ -201,6 +235,9 @@ class AttentionDecoder(nn.Module):
     def init_memory(self, features: Tensor) -> Memory:
         """Per-image tensors reused at every step: the features (projected to context_dim if set), their attention projection and mean."""
         features = self.feature_dropout(features)  # (B, L, D); identity in eval mode or at p = 0
+        if self.position is not None:
+            codes = grid_positions(features.size(1)).to(device=features.device, dtype=self.position.weight.dtype)  # (L, 4F)
+            features = features + self.position(codes)  # (B, L, D) + (L, D)
         if self.attention is None:
             return Memory(features, features.new_zeros(features.size(0), 0), features.mean(dim=1))  # nothing to project
         values = self.context_proj(features) if self.context_proj is not None else features  # (B, L, C)
