@@ -13,6 +13,7 @@ baseline, rewards of samples and greedy captions) + backward + Adam. For scale, 
 cross-entropy step on the same batch (32 images x 5 captions of 11 words) is timed as well.
 
     python benchmarks/scst.py [--iters 3] [--threads 2] [--baseline greedy] [--precision fp32|bf16|both] [--grid 7] [--query current]
+                               [--positions sincos]
 
 ``--precision both`` times every step in float32 and under bf16 autocast (``precision=bf16``), interleaved in
 the same process, and prints the ratios.
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"])
     ap.add_argument("--grid", type=int, default=7, help="G: G x G feature locations (Lite0: 7 at 224 px, 9 at 288 px as in flickr8k_scst)")
     ap.add_argument("--query", default="previous", choices=["previous", "current"], help="model.query: what drives the attention")
+    ap.add_argument("--positions", default="none", choices=["none", "sincos"], help="model.positions: location codes added to the grid")
     args = ap.parse_args()
     if args.precision != "fp32" and not cpu_has_bf16():
         print("note: this CPU has no native bf16 products; bf16 will be slower than float32 here")
@@ -69,7 +71,7 @@ def main() -> None:
     build_s = time.perf_counter() - t0
 
     dec = AttentionDecoder(V, 1280, embed_dim=512, hidden_dim=512, attn_dim=512, context_dim=512, dropout=0.5,
-                           query=args.query)
+                           query=args.query, positions=args.positions)
     with torch.no_grad():  # <end> with probability end_prob per step at initialisation: realistic lengths
         logit = np.log(args.end_prob / (1 - args.end_prob) * (V - 1))
         dec.out.bias[vocab.end_id] = float(logit)
@@ -133,7 +135,8 @@ def main() -> None:
             if it:
                 ce[p].append(dt)
 
-    summary = {"images": B, "samples": args.samples, "baseline": args.baseline, "threads": args.threads, "iters": args.iters,
+    summary = {"images": B, "samples": args.samples, "baseline": args.baseline, "threads": args.threads, "iters": args.iters, "grid": args.grid,
+               "query": args.query, "positions": args.positions,
                "reward_build_s": round(build_s, 2),
                "reward_captions_per_step": B * args.samples + (B if args.baseline == "greedy" else 0)}
     for p in precisions:
