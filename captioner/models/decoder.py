@@ -5,9 +5,8 @@ One :meth:`AttentionDecoder.step` serves teacher-forced training and every decod
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +178,7 @@ class AttentionDecoder(nn.Module):
             raise ValueError(f"num_layers must be 1-4, got {num_layers}")
         self.vocab_size, self.feature_dim, self.hidden_dim = vocab_size, feature_dim, hidden_dim
         self.cell_type, self.num_layers, self.attention_type = cell, num_layers, attention
-        self.deep_output, self.image_input, self.query, self.positions = deep_output, image_input, query, positions
+        self.deep_output, self.image_input, self.query = deep_output, image_input, query
         attends = attention != "none"
         # Where each location is: without it the decoder sees the grid as a set (any permutation of the L
         # locations gives the same captions). positions="sincos" adds a learned linear map of fixed codes of
