@@ -243,18 +243,20 @@ def attach_feature_cache(cfg: TrainConfig, data: DataBundle, model: Captioner, i
     """Read features from ``cfg.data.features``, made with exactly this (frozen) encoder; build it first if missing."""
     from captioner.data.features import read_manifest
 
-    manifest = read_manifest(cfg.data.features) if cfg.data.build_features and info.is_main else None
-    if cfg.data.build_features and info.is_main and (manifest is None or (cfg.data.hflip and MIRRORED not in manifest["splits"])):
-        from captioner.prepare import PrepareConfig, prepare
+    if cfg.data.build_features and info.is_main:  # the one rank that may build it
+        manifest = read_manifest(cfg.data.features)
+        no_mirrored = manifest is not None and cfg.data.hflip and MIRRORED not in manifest["splits"]
+        if manifest is None or no_mirrored:
+            from captioner.prepare import PrepareConfig, prepare
 
-        if manifest is None:
-            log.info("no feature cache at %s yet: encoding the dataset once", cfg.data.features)
-        else:
-            log.info("the feature cache at %s has no features of the mirrored training photos (data.hflip): "
-                     "encoding them once", cfg.data.features)
-        prepare(PrepareConfig(data=cfg.data, encoder=cfg.encoder, cache_dir=cfg.data.features,
-                              num_workers=max(cfg.data.num_workers, 0), device=str(device), progress=cfg.progress,
-                              threads=cfg.threads))
+            if no_mirrored:
+                log.info("the feature cache at %s has no features of the mirrored training photos (data.hflip): "
+                         "encoding them once", cfg.data.features)
+            else:
+                log.info("no feature cache at %s yet: encoding the dataset once", cfg.data.features)
+            prepare(PrepareConfig(data=cfg.data, encoder=cfg.encoder, cache_dir=cfg.data.features,
+                                  num_workers=max(cfg.data.num_workers, 0), device=str(device), progress=cfg.progress,
+                                  threads=cfg.threads))
     barrier(info)
     data.stores = open_feature_stores(cfg.data, data.records, feature_spec(cfg.encoder, cfg.data.image_size, model.encoder))
     log.info("reading encoder features from the cache %s", cfg.data.features)
