@@ -150,6 +150,7 @@ def test_flickr8k_scst_recipe_selects_both_stages_on_cider_and_never_stops_the_c
     assert compose_train(["experiment=flickr8k_scst", "epochs=14", "output_dir=/tmp/x"]).patience == 14  # ... when changed
     assert compose_train(["experiment=flickr8k_soft", "output_dir=/tmp/x"]).val_metric == "BLEU-4"  # the parent keeps its own
     assert cfg.data.hflip  # mirrored training photos (runs 35, 36, 38)
+    assert cfg.loss.label_smoothing == pytest.approx(0.1)  # kept: without it SCST ended 0.028 lower (run 39)
     assert (cfg.scst.temperature, cfg.scst.baseline, cfg.scst.samples, cfg.encoder.name) == (0.5, "mean", 5, "efficientnet_lite0")
     assert cfg.data.image_size == 288 and cfg.data.features.endswith("flickr8k_efficientnet_lite0_last_288px")  # 9x9 grid
     assert compose_train(["experiment=flickr8k_soft", "output_dir=/tmp/x"]).data.features.endswith("_last")  # its own cache
