@@ -263,6 +263,10 @@ class EvaluateConfig:
     meteor: bool = False  # needs Java and pycocoevalcap
     localisation: bool = True
     html: Optional[str] = None  # also write the split's results page into this directory (worst CIDEr-D first)
+    # Against another system: the captions scored here minus this COCO-format results file's (same images), each
+    # metric with a paired bootstrap interval over the images (captioner.metrics.compare)
+    compare: Optional[str] = None
+    bootstrap: int = 1000  # resamples of the images for compare=
     device: str = "auto"
     threads: Optional[int] = None
     output_dir: str = MISSING

@@ -174,11 +174,14 @@ def read_results(path: str | Path) -> dict[str, str]:
     return out
 
 
+COMPARE = "compare/"  # prefix of the compare= entries of an evaluation's metrics
+
+
 def format_table(metrics: dict[str, float]) -> str:
-    """A two-column text table; BLEU/ROUGE/METEOR also shown x100 as papers print them."""
+    """A two-column text table; BLEU/ROUGE/METEOR also shown x100 as papers print them (compare= entries: ``format_comparison``)."""
     lines = [f"{'metric':<34}{'value':>10}{'x100':>10}", "-" * 54]
     for k, v in metrics.items():
-        if isinstance(v, (int, float)):
+        if isinstance(v, (int, float)) and not k.startswith(COMPARE):
             scaled = f"{100 * v:>10.2f}" if k.split("-")[0] in ("BLEU", "ROUGE", "METEOR", "CIDEr") else ""
             lines.append(f"{k:<34}{v:>10.4f}{scaled}")
     return "\n".join(lines)
@@ -194,8 +197,11 @@ def evaluate_job(cfg: EvaluateConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.compare is not None and cfg.bootstrap < 1:
+        raise ConfigError(f"bootstrap must be >= 1 resamples for compare=; got {cfg.bootstrap}")
+    other = read_results(cfg.compare) if cfg.compare is not None else None  # a bad file fails before any decoding
     if cfg.results is not None:
-        metrics = _score_results_file(cfg)
+        metrics, refs, hyps = _score_results_file(cfg)
     else:
         from captioner.models.checkpoint import load_captioner
 
@@ -212,9 +218,45 @@ def evaluate_job(cfg: EvaluateConfig) -> dict[str, Any]:
         metrics = dict(result.metrics, images=len(split.records))
         if cfg.html is not None:
             write_page(cfg, split, result, metrics, model)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+        refs, hyps = references(split.records), {r.image_id: c.text for r, c in zip(split.records, result.captions)}
     log.info("%s split, %s:\n%s", cfg.split, cfg.checkpoint or cfg.results, format_table(metrics))
+    if other is not None:
+        metrics.update(compare_with(cfg, refs, hyps, other))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
+
+
+def compare_with(cfg: EvaluateConfig, refs: dict[str, list[str]], hyps: dict[str, str], other: dict[str, str]) -> dict[str, float]:
+    """``compare=FILE``: each metric of these captions minus FILE's, with a paired bootstrap interval (logged as a table)."""
+    from captioner.metrics.compare import paired_bootstrap
+
+    unknown = sorted(set(other) - set(refs))
+    if unknown:
+        raise DatasetError(cfg.compare, f"{len(unknown)} image_id(s) are not in the {cfg.split} split (e.g. {unknown[0]!r})")
+    if set(other) != set(hyps):
+        raise DatasetError(cfg.compare, f"captions {len(other)} images, this evaluation {len(hyps)}: a paired comparison "
+                                        f"needs the same images ({len(set(hyps) - set(other))} of ours are missing there)")
+    diffs = paired_bootstrap(refs, hyps, other, resamples=cfg.bootstrap, meteor=cfg.meteor)
+    out: dict[str, float] = {}
+    for name, d in diffs.items():
+        values = dict(this=d.a, other=d.b, diff=d.diff, low=d.low, high=d.high, se=d.se, p_better=d.a_better)
+        out.update({f"{COMPARE}{name}/{field}": v for field, v in values.items()})
+    log.info("against %s (%d images, %d bootstrap resamples of them):\n%s", cfg.compare, len(hyps), cfg.bootstrap,
+             format_comparison(out))
+    return out
+
+
+def format_comparison(metrics: dict[str, Any]) -> str:
+    """The ``compare/`` entries of an evaluation as a table: this, the other system, the difference and its interval."""
+    names = [k[len(COMPARE):-len("/diff")] for k in metrics if k.startswith(COMPARE) and k.endswith("/diff")]
+    lines = [f"{'metric':<10}{'this':>9}{'other':>9}{'this-other':>12}{'95% interval':>22}{'s.e.':>9}{'P(this>other)':>15}",
+             "-" * 86]
+    for name in names:
+        d = {k[len(COMPARE) + len(name) + 1:]: v for k, v in metrics.items() if k.startswith(f"{COMPARE}{name}/")}
+        interval = f"[{d['low']:+.4f}, {d['high']:+.4f}]"
+        lines.append(f"{name:<10}{d['this']:>9.4f}{d['other']:>9.4f}{d['diff']:>+12.4f}{interval:>22}{d['se']:>9.4f}"
+                     f"{d['p_better']:>15.3f}")
+    return "\n".join(lines)
 
 
 def write_page(cfg: EvaluateConfig, split: SplitData, result: Evaluation, metrics: dict[str, Any], model: Captioner) -> None:
@@ -230,8 +272,8 @@ def write_page(cfg: EvaluateConfig, split: SplitData, result: Evaluation, metric
     log.info("results page: %s", page)
 
 
-def _score_results_file(cfg: EvaluateConfig) -> dict[str, Any]:
-    """COCO metrics of a results file against the references of ``cfg.split``."""
+def _score_results_file(cfg: EvaluateConfig) -> tuple[dict[str, Any], dict[str, list[str]], dict[str, str]]:
+    """COCO metrics of a results file against the references of ``cfg.split``: (metrics, references, captions)."""
     from captioner.metrics import evaluate as coco_metrics
 
     records = load_records(cfg.data)
@@ -246,4 +288,4 @@ def _score_results_file(cfg: EvaluateConfig) -> dict[str, Any]:
     missing = len(refs) - len(hyps)
     if missing:
         log.warning("%s: %d image(s) of the %s split have no caption; scoring the %d that do", cfg.results, missing, cfg.split, len(hyps))
-    return dict(coco_metrics(refs, hyps, meteor=cfg.meteor), images=len(hyps))
+    return dict(coco_metrics(refs, hyps, meteor=cfg.meteor), images=len(hyps)), refs, hyps

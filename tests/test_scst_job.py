@@ -57,14 +57,25 @@ def test_scst_from_a_weak_cross_entropy_checkpoint_raises_dev_cider(shapes_1500,
 def test_one_command_runs_both_stages_and_tests_both_checkpoints(tiny_cfg, tmp_path):
     from captioner.training.loop import train
 
-    results = train(tiny_cfg("scst.epochs=1", "scst.samples=2", "scst.baseline=mean", "scst.max_len=6", "decode=greedy",
-                             "test_block_bad_endings=true", "decode.max_len=6"))
+    from captioner.data.build import load_records, references
+    from captioner.evaluation import read_results
+    from captioner.metrics import evaluate
+
+    cfg = tiny_cfg("scst.epochs=1", "scst.samples=2", "scst.baseline=mean", "scst.max_len=6", "decode=greedy",
+                   "test_block_bad_endings=true", "decode.max_len=6", "test_beam_sizes=[2]")
+    results = train(cfg)
     run = tmp_path / "run"
     assert [e.get("stage", "xe") for e in _epochs(run)] == ["xe", "scst"]
-    for name in ("best.pt", "last.pt", "scst_best.pt", "scst_last.pt", "test_captions.json", "test_captions_xe.json"):
+    for name in ("best.pt", "last.pt", "scst_best.pt", "scst_last.pt", "test_captions.json", "test_captions_xe.json",
+                 "test_captions_beam2.json", "test_captions_xe_beam2.json"):
         assert (run / name).is_file(), name
     assert {"CIDEr-D", "xe/CIDEr-D", "bad_endings", "blocked/bad_endings", "distinct_captions"} <= results.keys()
     assert results["blocked/bad_endings"] == 0.0
+    # each file holds the captions its figures were computed from (what compare= reads)
+    refs = references(load_records(cfg.data)["test"])
+    for name, key in (("test_captions.json", "CIDEr-D"), ("test_captions_beam2.json", "beam2/CIDEr-D"),
+                      ("test_captions_xe_beam2.json", "xe/beam2/CIDEr-D")):
+        assert evaluate(refs, read_results(run / name))["CIDEr-D"] == pytest.approx(results[key], rel=1e-12), name
 
 
 def test_init_from_or_resume_of_a_checkpoint_fed_or_wired_otherwise_is_refused(tiny_cfg, tmp_path):

@@ -94,10 +94,12 @@ def evaluate_main() -> None:
     """``captioner-evaluate`` / ``python scripts/evaluate.py``: print a metrics table and its JSON."""
 
     def task(cfg) -> None:
-        from captioner.evaluation import evaluate_job, format_table
+        from captioner.evaluation import COMPARE, evaluate_job, format_comparison, format_table
 
         metrics = evaluate_job(cfg)
         print(format_table(metrics))
+        if any(k.startswith(COMPARE) for k in metrics):
+            print(f"against {cfg.compare}:\n{format_comparison(metrics)}")
         print(json.dumps(metrics), flush=True)
 
     run_hydra("evaluate", task)

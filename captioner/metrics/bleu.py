@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -49,16 +50,27 @@ def _closest_ref_len(ngrams: CorpusNgrams) -> np.ndarray:
     return best % m
 
 
-def bleu_scores(
+@dataclass(frozen=True)
+class BleuStatistics:
+    """What corpus BLEU pools, per image: clipped matches, hypothesis n-grams and the two lengths.
+
+    Any weighted sum of these over images (all ones: the corpus; bootstrap counts: a resampled corpus)
+    gives that corpus's BLEU through :func:`bleu_from_totals`.
+    """
+
+    correct: np.ndarray  # (I, max_n) clipped n-gram matches
+    guess: np.ndarray  # (I, max_n) hypothesis n-grams
+    hyp_len: np.ndarray  # (I,) hypothesis length
+    ref_len: np.ndarray  # (I,) effective reference length (the closest one)
+
+
+def bleu_statistics(
     references: Sequence[Sequence[Tokens]],
     hypotheses: Sequence[Tokens],
     max_n: int = 4,
     ngrams: Optional[CorpusNgrams] = None,
-) -> tuple[list[float], list[list[float]]]:
-    """COCO BLEU-1..max_n of tokenised hypotheses: (corpus scores, per-image scores [image][n-1]).
-
-    ``ngrams`` may hold ``CorpusNgrams.build(references, hypotheses, max_n)`` to share it with CIDEr-D.
-    """
+) -> BleuStatistics:
+    """Per-image BLEU statistics of tokenised hypotheses (COCO clipping and reference-length rules)."""
     if ngrams is None:
         ngrams = CorpusNgrams.build(references, hypotheses, max_n)
     num_images = ngrams.num_images
@@ -70,14 +82,34 @@ def bleu_scores(
         correct[:, k] = np.bincount(hyp.sentence, weights=np.minimum(hyp.count, best), minlength=num_images)
     hyp_len = ngrams.hyp_len
     guess = np.maximum(hyp_len[:, None] - np.arange(max_n), 0).astype(np.float64)  # (I, max_n) hypothesis n-grams
-    ref_len = _closest_ref_len(ngrams)
+    return BleuStatistics(correct, guess, hyp_len.astype(np.float64), _closest_ref_len(ngrams).astype(np.float64))
 
-    # Per image, the same float operations as pycocoevalcap: a running product of precisions.
-    per_image = np.cumprod((correct + _TINY) / (guess + _SMALL), axis=1) ** (1.0 / np.arange(1, max_n + 1))
+
+def bleu_from_totals(correct: np.ndarray, guess: np.ndarray, hyp_len: np.ndarray, ref_len: np.ndarray) -> np.ndarray:
+    """BLEU-1..n of pooled statistics, vectorised over leading dimensions: (..., n), (..., n), (...), (...) -> (..., n).
+
+    The same formula and smoothing as :func:`_bleu_from_stats` (one corpus, Python floats) and as the
+    per-image scores of :func:`bleu_scores`.
+    """
+    scores = np.cumprod((correct + _TINY) / (guess + _SMALL), axis=-1) ** (1.0 / np.arange(1, correct.shape[-1] + 1))
     ratio = (hyp_len + _TINY) / (ref_len + _SMALL)
-    penalty = np.exp(1 - 1 / ratio, where=ratio < 1, out=np.ones(num_images))
-    per_image *= penalty[:, None]
+    penalty = np.exp(1 - 1 / ratio, where=ratio < 1, out=np.ones_like(ratio))
+    return scores * penalty[..., None]
 
-    totals = correct.sum(axis=0).tolist(), guess.sum(axis=0).tolist()  # integers, exact in float64
-    corpus = _bleu_from_stats(*totals, int(hyp_len.sum()), int(ref_len.sum()))
+
+def bleu_scores(
+    references: Sequence[Sequence[Tokens]],
+    hypotheses: Sequence[Tokens],
+    max_n: int = 4,
+    ngrams: Optional[CorpusNgrams] = None,
+) -> tuple[list[float], list[list[float]]]:
+    """COCO BLEU-1..max_n of tokenised hypotheses: (corpus scores, per-image scores [image][n-1]).
+
+    ``ngrams`` may hold ``CorpusNgrams.build(references, hypotheses, max_n)`` to share it with CIDEr-D.
+    """
+    stats = bleu_statistics(references, hypotheses, max_n, ngrams)
+    # Per image, the same float operations as pycocoevalcap: a running product of precisions.
+    per_image = bleu_from_totals(stats.correct, stats.guess, stats.hyp_len, stats.ref_len)
+    totals = stats.correct.sum(axis=0).tolist(), stats.guess.sum(axis=0).tolist()  # integers, exact in float64
+    corpus = _bleu_from_stats(*totals, int(stats.hyp_len.sum()), int(stats.ref_len.sum()))
     return corpus, per_image.tolist()

@@ -561,7 +561,11 @@ def test(job: Job) -> dict[str, float]:
 
 
 def test_checkpoint(job: Job, prefix: str, results_file: Path) -> dict[str, float]:
-    """Test metrics of ``<prefix>best.pt`` (else ``<prefix>last.pt``): the configured decoding, then each test beam."""
+    """Test metrics of ``<prefix>best.pt`` (else ``<prefix>last.pt``): the configured decoding, then each test beam.
+
+    The captions of each go to ``results_file`` and ``<its stem>_beam<k>.json`` (COCO results format), so two runs'
+    figures can be compared image by image (``scripts/evaluate.py results=... compare=...``).
+    """
     cfg = job.cfg
     best = job.out_dir / f"{prefix}best.pt"
     unwrap(job.model).load_state_dict(load_checkpoint(best if best.is_file() else job.out_dir / f"{prefix}last.pt")["model"])
@@ -569,9 +573,11 @@ def test_checkpoint(job: Job, prefix: str, results_file: Path) -> dict[str, floa
     common = dict(batch_size=cfg.data.eval_batch_size, device=job.device, info=job.info, max_caption_len=cfg.data.max_caption_len)
     results = evaluate(job.model, split, job.data.vocab, cfg.decode, localisation=cfg.localisation,
                        results_file=results_file, **common).metrics
-    for k in cfg.test_beam_sizes:
+    for k in cfg.test_beam_sizes:  # each beam's captions beside the configured decoding's: test_captions[_xe]_beam<k>.json
         beam = dataclasses.replace(cfg.decode, strategy="beam", beam_size=k)
-        results.update({f"beam{k}/{m}": v for m, v in evaluate(job.model, split, job.data.vocab, beam, **common).metrics.items()})
+        beam_file = results_file.with_name(f"{results_file.stem}_beam{k}.json")
+        results.update({f"beam{k}/{m}": v for m, v in evaluate(job.model, split, job.data.vocab, beam, results_file=beam_file,
+                                                                **common).metrics.items()})
     if cfg.test_block_bad_endings:
         k = max(cfg.test_beam_sizes, default=0)
         blocked = dataclasses.replace(cfg.decode, block_bad_endings=True, **({"strategy": "beam", "beam_size": k} if k else {}))
