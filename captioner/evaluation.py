@@ -239,7 +239,8 @@ def compare_with(cfg: EvaluateConfig, refs: dict[str, list[str]], hyps: dict[str
     diffs = paired_bootstrap(refs, hyps, other, resamples=cfg.bootstrap, meteor=cfg.meteor)
     out: dict[str, float] = {}
     for name, d in diffs.items():
-        values = dict(this=d.a, other=d.b, diff=d.diff, low=d.low, high=d.high, se=d.se, p_better=d.a_better)
+        values = dict(this=d.a, other=d.b, diff=d.diff, low=d.low, high=d.high, se=d.se, p_better=d.a_better,
+                      this_se=d.a_se, other_se=d.b_se)
         out.update({f"{COMPARE}{name}/{field}": v for field, v in values.items()})
     log.info("against %s (%d images, %d bootstrap resamples of them):\n%s", cfg.compare, len(hyps), cfg.bootstrap,
              format_comparison(out))

@@ -70,6 +70,8 @@ def test_a_system_better_on_every_image_wins_every_resample():
     worse = {i: "zebra" for i in a}  # a word no reference has: every image scores 0 on every metric
     d = paired_bootstrap(refs, a, worse, resamples=300)["CIDEr-D"]
     assert d.low > 0 and d.a_better == 1.0 and d.b == 0.0
+    # B scores 0 in every resample, so the difference's spread is A's own
+    assert d.b_se == 0.0 and d.a_se == pytest.approx(d.se, rel=1e-12) and d.a_se > 0
 
 
 def test_the_standard_error_of_a_mean_metric_is_the_analytic_one():
@@ -82,6 +84,8 @@ def test_the_standard_error_of_a_mean_metric_is_the_analytic_one():
         d = np.array([pa[i][name] - pb[i][name] for i in a])
         assert diffs[name].se == pytest.approx(d.std() / np.sqrt(len(d)), rel=0.06), name
         assert diffs[name].low < diffs[name].diff < diffs[name].high
+        own = np.array([pa[i][name] for i in a])
+        assert diffs[name].a_se == pytest.approx(own.std() / np.sqrt(len(own)), rel=0.06), name
 
 
 def test_systems_must_caption_the_same_images():

@@ -40,6 +40,8 @@ class Difference:
     high: float
     se: float  # standard deviation of the resampled differences (the bootstrap standard error of diff)
     a_better: float  # share of resamples in which A scores higher than B
+    a_se: float  # the bootstrap standard error of A's score alone (of B's: b_se), from the same resamples
+    b_se: float
 
 
 def resample_counts(num_images: int, resamples: int, seed: int = 0) -> np.ndarray:
@@ -104,5 +106,6 @@ def paired_bootstrap(
         d = a[name][1:] - b[name][1:]  # (R,)
         low, high = np.percentile(d, [tail, 100 - tail])
         out[name] = Difference(float(a[name][0]), float(b[name][0]), float(a[name][0] - b[name][0]), float(low),
-                               float(high), float(d.std()), float((d > 0).mean()))
+                               float(high), float(d.std()), float((d > 0).mean()), float(a[name][1:].std()),
+                               float(b[name][1:].std()))
     return out
