@@ -230,9 +230,7 @@ def compare_with(cfg: EvaluateConfig, refs: dict[str, list[str]], hyps: dict[str
     """``compare=FILE``: each metric of these captions minus FILE's, with a paired bootstrap interval (logged as a table)."""
     from captioner.metrics.compare import paired_bootstrap
 
-    unknown = sorted(set(other) - set(refs))
-    if unknown:
-        raise DatasetError(cfg.compare, f"{len(unknown)} image_id(s) are not in the {cfg.split} split (e.g. {unknown[0]!r})")
+    check_in_split(cfg.compare, other, refs, cfg.split)
     if set(other) != set(hyps):
         raise DatasetError(cfg.compare, f"captions {len(other)} images, this evaluation {len(hyps)}: a paired comparison "
                                         f"needs the same images ({len(set(hyps) - set(other))} of ours are missing there)")
@@ -283,10 +281,15 @@ def _score_results_file(cfg: EvaluateConfig) -> tuple[dict[str, Any], dict[str, 
         raise ConfigError(f"split={cfg.split}: data={cfg.data.name} has no images in that split (it has: {have})")
     refs = references(records[cfg.split])
     hyps = read_results(cfg.results)
-    unknown = sorted(set(hyps) - set(refs))
-    if unknown:
-        raise DatasetError(cfg.results, f"{len(unknown)} image_id(s) are not in the {cfg.split} split (e.g. {unknown[0]!r})")
+    check_in_split(cfg.results, hyps, refs, cfg.split)
     missing = len(refs) - len(hyps)
     if missing:
         log.warning("%s: %d image(s) of the %s split have no caption; scoring the %d that do", cfg.results, missing, cfg.split, len(hyps))
     return dict(coco_metrics(refs, hyps, meteor=cfg.meteor), images=len(hyps)), refs, hyps
+
+
+def check_in_split(path: str | Path, captions: dict[str, str], refs: dict[str, list[str]], split: str) -> None:
+    """A results file's image ids must all be images of the split (one ``DatasetError`` naming the file otherwise)."""
+    unknown = sorted(set(captions) - set(refs))
+    if unknown:
+        raise DatasetError(path, f"{len(unknown)} image_id(s) are not in the {split} split (e.g. {unknown[0]!r})")

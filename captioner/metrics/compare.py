@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from captioner.data.tokenize import tokenize
+from captioner.metrics import _check_inputs as check_inputs
 from captioner.metrics.bleu import bleu_from_totals, bleu_statistics
 from captioner.metrics.cider import cider_d_scores
 from captioner.metrics.meteor import meteor_scores
@@ -87,11 +88,8 @@ def paired_bootstrap(
         only_a, only_b = set(hypotheses_a) - set(hypotheses_b), set(hypotheses_b) - set(hypotheses_a)
         raise ValueError(f"the two systems caption different images: {len(only_a)} only in the first, "
                          f"{len(only_b)} only in the second (e.g. {sorted(map(str, only_a or only_b))[0]!r})")
-    if not hypotheses_a:
-        raise ValueError("no captions to compare")
-    missing = [i for i in hypotheses_a if i not in references]
-    if missing:
-        raise ValueError(f"{len(missing)} image ids have no references, e.g. {missing[0]!r}")
+    check_inputs(references, hypotheses_a)  # the metrics' own checks: references for every id, raw strings
+    check_inputs(references, hypotheses_b)
     if resamples < 1 or not 0 < level < 1:
         raise ValueError(f"resamples must be >= 1 and level in (0, 1); got {resamples}, {level}")
     ids = list(hypotheses_a)
