@@ -2,8 +2,9 @@
 
 Phases, each in its own subprocess so that its peak resident memory (VmHWM) is its own:
   encoder   EfficientNet-Lite0 (ImageNet weights, frozen, ``last`` 7x7x1280) at 224 px, batch 32, on
-            pre-decoded Flickr8k photos: images/s of the forward pass alone; plus JPEG decode + resize
-            images/s (one process), the other half of the prepare job's work.
+            pre-decoded Flickr8k photos: images/s of the forward pass alone (contiguous, channels_last and,
+            on a CPU with native bf16 products, ``encoder.precision=bf16`` with how far its features move);
+            plus JPEG decode + resize images/s (one process), the other half of the prepare job's work.
   cache     decoder training (soft attention LSTM, teacher forcing, Adam) with features read from a
             feature cache through ``CaptionGroups`` + DataLoader: captions/s.
   images    the same training with the photos decoded and run through the frozen encoder every step
@@ -69,6 +70,7 @@ def phase_encoder(args: argparse.Namespace) -> dict:
     from captioner.data.datasets import ImageStore
     from captioner.data.images import normalise_uint8
     from captioner.models.encoder import Encoder
+    from captioner.utils import native_bf16
 
     records = train_records(args.images)
     start = time.perf_counter()
@@ -91,10 +93,28 @@ def phase_encoder(args: argparse.Namespace) -> dict:
                     encoder(x)  # (32, 49, 1280)
                 best = min(best, time.perf_counter() - t)
             rates[layout] = 32 * len(batches) / best
+        bf16 = {}
+        if native_bf16(torch.device("cpu")):  # encoder.precision=native: bf16 autocast, channels_last
+            fast = Encoder(**ENCODER_CFG, precision="bf16").to(memory_format=torch.channels_last)
+            fast(xs[0][:4])  # warm-up
+            best = float("inf")
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                for x in xs:
+                    fast(x)
+                best = min(best, time.perf_counter() - t)
+            exact, approx = encoder(xs[0]), fast(xs[0])  # (32, L, D) each
+            bf16 = {"encoder_images_per_s_bf16": round(32 * len(batches) / best, 2),
+                    "bf16_speedup": round(32 * len(batches) / best / rates["channels_last"], 2),
+                    "bf16_feature_mean_abs_change": float((approx - exact).abs().mean()),
+                    "bf16_feature_relative_change": float((approx - exact).norm() / exact.norm())}
+        else:
+            bf16 = {"encoder_images_per_s_bf16": "not timed: this CPU has no native bf16 products"}
     rate = rates["channels_last"]
     noise = jpeg_noise(records[:32], encoder)
     return {"encoder_images_per_s": round(rate, 2), "encoder_images_per_s_contiguous": round(rates["contiguous"], 2),
-            "channels_last_speedup": round(rate / rates["contiguous"], 2), "jpeg_decode_images_per_s": round(decode_rate, 1), **noise,
+            "channels_last_speedup": round(rate / rates["contiguous"], 2), **bf16,
+            "jpeg_decode_images_per_s": round(decode_rate, 1), **noise,
             "prepare_images_per_s_estimate": round(1 / (1 / rate + 1 / decode_rate), 2), "peak_mb": round(peak_mb())}
 
 
@@ -271,7 +291,9 @@ def main() -> None:
     summary = {
         "threads": args.threads, "load_average_1m": round(load[0], 2), "images": args.images, "batch_images": args.batch,
         "decoder_width": args.width,
-        "encoder_images_per_s": enc["encoder_images_per_s"], "jpeg_decode_images_per_s": enc["jpeg_decode_images_per_s"],
+        "encoder_images_per_s": enc["encoder_images_per_s"],
+        **{k: v for k, v in enc.items() if k.startswith(("encoder_images_per_s_bf16", "bf16_"))},
+        "jpeg_decode_images_per_s": enc["jpeg_decode_images_per_s"],
         "prepare_flickr8k_minutes_estimate": round(8091 / enc["prepare_images_per_s_estimate"] / 60, 1),
         "train_captions_per_s_cache": c["captions_per_s"], "train_captions_per_s_images": im["captions_per_s"],
         "cache_vs_images_speedup": round(c["captions_per_s"] / im["captions_per_s"], 1),

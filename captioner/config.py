@@ -69,6 +69,9 @@ class EncoderConfig:
     grid: Optional[int] = None  # adaptive-pool the feature map to grid x grid (None: keep native)
     stage: Optional[str] = None  # which feature map, for backbones that offer several (efficientnet_lite0: last, stage5, ...)
     freeze: bool = True
+    # the encoder's arithmetic: fp32 | bf16 (autocast) | native (bf16 where the device multiplies bf16 natively,
+    # fp32 elsewhere). Part of a feature cache's spec: bf16 features differ from fp32 ones by a few percent
+    precision: str = "fp32"
     channels: int = 128  # shapes_cnn only
     blocks: int = 3  # shapes_cnn only
 

@@ -209,7 +209,7 @@ def evaluate_job(cfg: EvaluateConfig) -> dict[str, Any]:
         model, vocab = load_captioner(cfg.checkpoint, map_location=device)
         model.to(device)
         cfg.data.image_size = model.spec.image_size
-        spec = feature_spec(model.spec.encoder, cfg.data.image_size, model.encoder) if cfg.data.features else None
+        spec = feature_spec(model.spec.encoder, cfg.data.image_size, model.encoder, device) if cfg.data.features else None
         data = build_data(cfg.data, vocab=vocab, progress=cfg.progress, feature_spec=spec)
         split = data.split(cfg.split)
         result = evaluate(model, split, vocab, cfg.decode, batch_size=cfg.data.eval_batch_size, device=device,

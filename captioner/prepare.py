@@ -204,10 +204,10 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             log.warning("split %s has no images in %s; nothing to cache for it", s, cfg.data.root)
     device = pick_device(cfg.device)
     encoder = Encoder(**encoder_kwargs(cfg.encoder))
-    spec = feature_spec(cfg.encoder, cfg.data.image_size, encoder)
+    spec = feature_spec(cfg.encoder, cfg.data.image_size, encoder, device)
     info = {"data": {"name": cfg.data.name, "format": cfg.data.format, "root": str(Path(cfg.data.root).expanduser().resolve())}}
-    log.info("caching %s features (%s) of %s into %s", cfg.encoder.name, cfg.encoder.stage or "native grid",
-             ", ".join(f"{len(r)} {s}" for s, r in chosen.items()), cfg.cache_dir)
+    log.info("caching %s features (%s, %s arithmetic) of %s into %s", cfg.encoder.name, cfg.encoder.stage or "native grid",
+             spec["precision"], ", ".join(f"{len(r)} {s}" for s, r in chosen.items()), cfg.cache_dir)
     manifest = encode_to_cache(chosen, encoder, spec, cfg.cache_dir, cfg.batch_size, cfg.num_workers, device,
                                cfg.overwrite, cfg.checkpoint_every, cfg.progress, info)
     seconds = time.time() - t0

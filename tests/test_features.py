@@ -109,6 +109,7 @@ def test_store_spans_splits_keeps_order_offers_fp16_and_pickles_small(world):
 @pytest.mark.parametrize("field, value", [
     ("encoder", "resnet50"), ("weights_sha256", "0" * 64), ("stage", "stage5"), ("grid", 4), ("image_size", 128),
     ("mean", [0.485, 0.456, 0.406]), ("std", [0.5, 0.5, 0.5]), ("transform", "center crop 224"), ("options", {"channels": 32, "blocks": 3}),
+    ("precision", "bf16"),
 ])
 def test_mismatched_cache_is_refused_naming_the_field(world, field, value):
     with pytest.raises(FeatureCacheError) as e:
@@ -133,6 +134,69 @@ def test_other_weights_are_refused(world):
     assert expect["weights_sha256"] == state_fingerprint(other.body) != expect_of(world)["weights_sha256"]
     with pytest.raises(FeatureCacheError, match=r"weights: cache '.*shapes_cnn.pt' \(sha256 \w+\) != expected None"):
         open_cache(world["cache"], expect, [world["records"]["val"][0].image_id])
+
+
+def test_bf16_cache_holds_the_bf16_encoder_output_and_is_kept_apart_from_fp32(tmp_path, world):
+    """encoder.precision=bf16: the cache holds the bf16-autocast encoder's output (rounded to float16), a few
+    percent from the float32 features; each kind of cache is refused where the other is expected, and a cache
+    written before the option existed (no precision recorded) reads as float32."""
+    cache = tmp_path / "bf16"
+    summary = prepare(compose_prepare(world_overrides(world["root"], world["weights"], cache, "encoder.precision=bf16")))
+    assert summary["images"] == {"train": 8, "val": 2, "test": 2}
+    encoder = Encoder(**{k: v for k, v in world["enc_cfg"].items() if k != "stage"}, precision="bf16")
+    expect = feature_spec(dict(world["enc_cfg"], precision="bf16"), 64, encoder)
+    assert expect["precision"] == "bf16" and expect_of(world)["precision"] == "fp32"
+    records = world["records"]["train"]
+    ids = [r.image_id for r in records]
+    images = ImageStore(records, 64)
+    x = normalise_uint8(torch.stack([images[i] for i in range(len(images))]), encoder.mean, encoder.std)
+    with torch.no_grad():
+        bf16 = copy.deepcopy(encoder).to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    cached = torch.stack(list(open_cache(cache, expect, ids)))
+    assert bf16.dtype == torch.float32 and torch.equal(cached, bf16.half().float())
+    fp32 = torch.stack(list(open_cache(world["cache"], expect_of(world), ids)))
+    rel = ((cached - fp32).norm() / fp32.norm()).item()
+    assert 1e-4 < rel < 0.1, rel  # bf16 keeps 8 significant bits: the features move, by a few percent at most
+    with pytest.raises(FeatureCacheError) as e:
+        open_cache(cache, expect_of(world), ids)
+    assert "precision: cache 'bf16' != expected 'fp32'" in str(e.value)
+    with pytest.raises(FeatureCacheError) as e:
+        open_cache(world["cache"], expect, ids)
+    assert "precision: cache 'fp32' != expected 'bf16'" in str(e.value) and "encoder.precision=bf16" in str(e.value)
+    old = tmp_path / "old"  # the fp32 cache as written before encoder.precision existed
+    old.mkdir()
+    for f in world["cache"].iterdir():
+        (old / f.name).symlink_to(f)
+    manifest = json.loads((world["cache"] / MANIFEST).read_text())
+    del manifest["spec"]["precision"]
+    (old / MANIFEST).unlink()
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    assert torch.equal(torch.stack(list(open_cache(old, expect_of(world), ids))), fp32)
+    with pytest.raises(FeatureCacheError, match="precision: cache 'fp32' != expected 'bf16'"):
+        open_cache(old, expect, ids)
+
+
+def test_encoder_precision_resolves_per_device_and_is_recorded_only_when_not_fp32(monkeypatch):
+    import captioner.models.encoder as enc_module
+    from captioner.models.encoder import encoder_spec
+
+    torch.manual_seed(0)
+    kw = {k: v for k, v in ENCODER.items() if k != "stage"}
+    assert "precision" not in encoder_spec(ENCODER)  # float32 checkpoints read as they did before the option
+    assert encoder_spec(dict(ENCODER, precision="native"))["precision"] == "native"
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(enc_module, "native_bf16", lambda device, v=has_bf16: v)
+        native = Encoder(**kw, precision="native")
+        assert native.arithmetic("cpu") == ("bf16" if has_bf16 else "fp32")
+        assert feature_spec(dict(ENCODER, precision="native"), 64, native)["precision"] == native.arithmetic("cpu")
+    with pytest.raises(ValueError, match="encoder precision must be one of fp32, bf16, native"):
+        Encoder(**kw, precision="fp16")
+    # fp32 leaves an outer autocast alone: a fine-tuned encoder in a bf16 training step computes as it did before
+    tuned = Encoder(**dict(kw, freeze=False))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, body = tuned(x), tuned.body(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, body.flatten(2).transpose(1, 2))
 
 
 def test_unfrozen_encoder_has_no_cache_spec():

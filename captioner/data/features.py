@@ -47,7 +47,8 @@ FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 # The image transform the cache was made with; bump when captioner.data.images changes what reaches the encoder.
 TRANSFORM = "load_image(RGB, EXIF upright) -> PIL bicubic squash to SxS -> uint8 -> /255 -> (x - mean) / std"
 # Fields of the spec compared by open_cache; "weights" (the config string) is informational, its SHA-256 decides.
-COMPARED = ("encoder", "weights_sha256", "stage", "grid", "options", "image_size", "mean", "std", "transform")
+COMPARED = ("encoder", "weights_sha256", "stage", "grid", "options", "image_size", "mean", "std", "transform", "precision")
+DEFAULTS = {"precision": "fp32"}  # what a spec written before a compared field existed meant by leaving it out
 PREPARE_SCRIPT = "python scripts/prepare_data.py"
 CACHE_SUFFIXES = (".npy", ".npy.partial", ".progress.json", ".done.json", ".tmp")
 LOCK = ".lock"
@@ -61,7 +62,8 @@ class FeatureCacheError(DatasetError):
 # What a cache's features depend on (the spec itself is built on the model side: captioner.models.encoder.feature_spec)
 def spec_digest(spec: Mapping[str, Any]) -> str:
     """Short stable hash of the compared fields of a spec (for progress files)."""
-    return hashlib.sha256(json.dumps({k: spec.get(k) for k in COMPARED}, sort_keys=True).encode()).hexdigest()[:16]
+    fields = {k: spec.get(k) for k in COMPARED if not (k in DEFAULTS and spec.get(k, DEFAULTS[k]) == DEFAULTS[k])}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def ids_digest(image_ids: Sequence[str]) -> str:
@@ -80,6 +82,7 @@ def _same(a: Any, b: Any) -> bool:
 def spec_problems(found: Mapping[str, Any], expect: Mapping[str, Any]) -> list[str]:
     """Human-readable differences between a cache's spec and the expected one (compared fields only)."""
     problems = []
+    found, expect = {**DEFAULTS, **found}, {**DEFAULTS, **expect}
     for key in COMPARED:
         if key not in expect:
             continue
@@ -107,6 +110,8 @@ def prepare_command(cache_dir: str | Path, expect: Mapping[str, Any] | None = No
             parts.append(f"encoder.{key}={value}")
         if expect.get("image_size") is not None:
             parts.append(f"data.image_size={expect['image_size']}")
+        if expect.get("precision", "fp32") != "fp32":
+            parts.append(f"encoder.precision={expect['precision']}")
     parts.append(f"cache_dir={cache_dir}")
     return " ".join(parts)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Mapping
@@ -14,9 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captioner.data.features import TRANSFORM as FEATURE_TRANSFORM
+from captioner.utils import native_bf16
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The frozen encoder's arithmetic: fp32; bf16 autocast on any device; native: bf16 where the device multiplies
+# bf16 natively (AVX512-BF16/AMX CPUs, CUDA with bf16), fp32 elsewhere (emulated bf16 is many times slower)
+ENCODER_PRECISIONS = ("fp32", "bf16", "native")
 
 
 @dataclass
@@ -187,10 +192,14 @@ class Encoder(nn.Module):
     so BatchNorm statistics never drift.
     """
 
-    def __init__(self, name: str, weights: str | None = None, grid: int | None = None, freeze: bool = True, **kwargs: object):
+    def __init__(self, name: str, weights: str | None = None, grid: int | None = None, freeze: bool = True,
+                 precision: str = "fp32", **kwargs: object):
         super().__init__()
         if name not in ENCODERS:
             raise KeyError(f"unknown encoder {name!r}; registered: {sorted(ENCODERS)}")
+        if precision not in ENCODER_PRECISIONS:
+            raise ValueError(f"encoder precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         bb = ENCODERS[name](weights=weights, **kwargs)
         self.name, self.body, self.out_dim = name, bb.body, bb.channels
         self.mean, self.std = tuple(bb.mean), tuple(bb.std)
@@ -208,12 +217,26 @@ class Encoder(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> Tensor:
-        """Normalised images (B, 3, H, W) -> features (B, L, D)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+        """Normalised images (B, 3, H, W) -> float32 features (B, L, D), computed in :meth:`arithmetic`."""
+        # fp32 leaves the context alone (a training step's own autocast still applies to a fine-tuned encoder)
+        bf16 = self.arithmetic(images.device) == "bf16"
+        cast = torch.autocast(images.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen), cast:
             fmap = self.body(images)  # (B, D, h, w)
+        fmap = fmap.float() if bf16 else fmap
         if self.grid is not None and tuple(fmap.shape[-2:]) != (self.grid, self.grid):
             fmap = F.adaptive_avg_pool2d(fmap, self.grid)  # (B, D, g, g)
         return fmap.flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+    def arithmetic(self, device: torch.device | str = "cpu") -> str:
+        """``bf16`` or ``fp32``: what this encoder's ``precision`` means on ``device``."""
+        return encoder_arithmetic(self.precision, torch.device(device))
+
+
+def encoder_arithmetic(precision: str, device: torch.device) -> str:
+    """``bf16`` or ``fp32``: what an encoder ``precision`` (``ENCODER_PRECISIONS``) means on ``device``."""
+    return "bf16" if precision == "bf16" or (precision == "native" and native_bf16(device)) else "fp32"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,6 +249,8 @@ def encoder_spec(encoder_cfg: Any) -> dict[str, Any]:
     cfg = dict(encoder_cfg if isinstance(encoder_cfg, Mapping) else asdict(encoder_cfg))
     kw: dict[str, Any] = {k: cfg.get(k) for k in ("name", "weights", "grid", "freeze")}
     kw["freeze"] = bool(cfg.get("freeze", True))
+    if cfg.get("precision", "fp32") != "fp32":  # fp32 unrecorded: checkpoints from before the option read the same
+        kw["precision"] = cfg["precision"]
     if cfg.get("stage") is not None:
         kw["stage"] = cfg["stage"]
     if cfg["name"] == "shapes_cnn":
@@ -248,12 +273,15 @@ def state_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def feature_spec(encoder_cfg: Any, image_size: int, encoder: nn.Module | None = None) -> dict[str, Any]:
-    """The ``expect`` dict of ``open_cache``: encoder, exact weights, grid and input transform.
+def feature_spec(encoder_cfg: Any, image_size: int, encoder: nn.Module | None = None,
+                 device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The ``expect`` dict of ``open_cache``: encoder, exact weights, grid, input transform and arithmetic.
 
     ``encoder`` (a frozen ``captioner.models.encoder.Encoder`` built from ``encoder_cfg``) is built here
     when not given. The weights are identified by the SHA-256 of the loaded state dict, so a cache made
     from the same file under another path is accepted and one made from other (or random) weights is not.
+    ``precision`` is the arithmetic the encoder uses on ``device`` (``bf16`` or ``fp32``): features computed in
+    bf16 differ from float32 ones by a few percent, so a cache made one way is refused for the other.
     """
     kw = encoder_kwargs(encoder_cfg)
     if encoder is None:
@@ -271,4 +299,5 @@ def feature_spec(encoder_cfg: Any, image_size: int, encoder: nn.Module | None = 
         "mean": [float(m) for m in encoder.mean],
         "std": [float(s) for s in encoder.std],
         "transform": FEATURE_TRANSFORM,
+        "precision": encoder_arithmetic(kw.get("precision", "fp32"), torch.device(device)),
     }

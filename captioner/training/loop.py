@@ -258,7 +258,7 @@ def attach_feature_cache(cfg: TrainConfig, data: DataBundle, model: Captioner, i
                                   num_workers=max(cfg.data.num_workers, 0), device=str(device), progress=cfg.progress,
                                   threads=cfg.threads))
     barrier(info)
-    data.stores = open_feature_stores(cfg.data, data.records, feature_spec(cfg.encoder, cfg.data.image_size, model.encoder))
+    data.stores = open_feature_stores(cfg.data, data.records, feature_spec(cfg.encoder, cfg.data.image_size, model.encoder, device))
     log.info("reading encoder features from the cache %s", cfg.data.features)
 
 
