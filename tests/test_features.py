@@ -177,7 +177,7 @@ def test_bf16_cache_holds_the_bf16_encoder_output_and_is_kept_apart_from_fp32(tm
 
 
 def test_encoder_precision_resolves_per_device_and_is_recorded_only_when_not_fp32(monkeypatch):
-    import captioner.models.encoder as enc_module
+    import captioner.utils as utils
     from captioner.models.encoder import encoder_spec
 
     torch.manual_seed(0)
@@ -185,7 +185,7 @@ def test_encoder_precision_resolves_per_device_and_is_recorded_only_when_not_fp3
     assert "precision" not in encoder_spec(ENCODER)  # float32 checkpoints read as they did before the option
     assert encoder_spec(dict(ENCODER, precision="native"))["precision"] == "native"
     for has_bf16 in (True, False):
-        monkeypatch.setattr(enc_module, "native_bf16", lambda device, v=has_bf16: v)
+        monkeypatch.setattr(utils, "native_bf16", lambda device, v=has_bf16: v)
         native = Encoder(**kw, precision="native")
         assert native.arithmetic("cpu") == ("bf16" if has_bf16 else "fp32")
         assert feature_spec(dict(ENCODER, precision="native"), 64, native)["precision"] == native.arithmetic("cpu")

@@ -110,7 +110,7 @@ def prepare_command(cache_dir: str | Path, expect: Mapping[str, Any] | None = No
             parts.append(f"encoder.{key}={value}")
         if expect.get("image_size") is not None:
             parts.append(f"data.image_size={expect['image_size']}")
-        if expect.get("precision", "fp32") != "fp32":
+        if expect.get("precision", DEFAULTS["precision"]) != DEFAULTS["precision"]:
             parts.append(f"encoder.precision={expect['precision']}")
     parts.append(f"cache_dir={cache_dir}")
     return " ".join(parts)

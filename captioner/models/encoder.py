@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captioner.data.features import TRANSFORM as FEATURE_TRANSFORM
-from captioner.utils import native_bf16
+from captioner.utils import uses_bf16
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -228,7 +228,6 @@ class Encoder(nn.Module):
             fmap = F.adaptive_avg_pool2d(fmap, self.grid)  # (B, D, g, g)
         return fmap.flatten(2).transpose(1, 2)  # (B, L, D)
 
-
     def arithmetic(self, device: torch.device | str = "cpu") -> str:
         """``bf16`` or ``fp32``: what this encoder's ``precision`` means on ``device``."""
         return encoder_arithmetic(self.precision, torch.device(device))
@@ -236,7 +235,7 @@ class Encoder(nn.Module):
 
 def encoder_arithmetic(precision: str, device: torch.device) -> str:
     """``bf16`` or ``fp32``: what an encoder ``precision`` (``ENCODER_PRECISIONS``) means on ``device``."""
-    return "bf16" if precision == "bf16" or (precision == "native" and native_bf16(device)) else "fp32"
+    return "bf16" if uses_bf16(precision, device) else "fp32"  # the training steps' own rule (captioner.utils)
 
 
 # --------------------------------------------------------------------------------------------------
