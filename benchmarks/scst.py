@@ -12,7 +12,7 @@ One step = ``scst_step_loss`` (memory once per image, 5 samples per image with g
 baseline, rewards of samples and greedy captions) + backward + Adam. For scale, a teacher-forced
 cross-entropy step on the same batch (32 images x 5 captions of 11 words) is timed as well.
 
-    python benchmarks/scst.py [--iters 3] [--threads 2] [--baseline greedy] [--precision fp32|bf16|both] [--grid 7] [--query current]
+    python benchmarks/scst.py [--iters 3] [--threads 2] [--baseline greedy] [--precision fp32|bf16|both] [--grid 7] [--query current|topdown]
                                [--positions sincos]
 
 ``--precision both`` times every step in float32 and under bf16 autocast (``precision=bf16``), interleaved in
@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=6000)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"])
     ap.add_argument("--grid", type=int, default=7, help="G: G x G feature locations (Lite0: 7 at 224 px, 9 at 288 px as in flickr8k_scst)")
-    ap.add_argument("--query", default="previous", choices=["previous", "current"], help="model.query: what drives the attention")
+    ap.add_argument("--query", default="previous", choices=["previous", "current", "topdown"], help="model.query: what drives the attention")
+    ap.add_argument("--layers", type=int, default=None, help="model.num_layers (default 1; 2 with --query topdown)")
     ap.add_argument("--positions", default="none", choices=["none", "sincos"], help="model.positions: location codes added to the grid")
     args = ap.parse_args()
     if args.precision != "fp32" and not cpu_has_bf16():
@@ -71,7 +72,8 @@ def main() -> None:
     build_s = time.perf_counter() - t0
 
     dec = AttentionDecoder(V, 1280, embed_dim=512, hidden_dim=512, attn_dim=512, context_dim=512, dropout=0.5,
-                           query=args.query, positions=args.positions)
+                           query=args.query, positions=args.positions,
+                           num_layers=args.layers or (2 if args.query == "topdown" else 1))
     with torch.no_grad():  # <end> with probability end_prob per step at initialisation: realistic lengths
         logit = np.log(args.end_prob / (1 - args.end_prob) * (V - 1))
         dec.out.bias[vocab.end_id] = float(logit)
@@ -136,7 +138,7 @@ def main() -> None:
                 ce[p].append(dt)
 
     summary = {"images": B, "samples": args.samples, "baseline": args.baseline, "threads": args.threads, "iters": args.iters, "grid": args.grid,
-               "query": args.query, "positions": args.positions,
+               "query": args.query, "layers": dec.num_layers, "positions": args.positions,
                "reward_build_s": round(build_s, 2),
                "reward_captions_per_step": B * args.samples + (B if args.baseline == "greedy" else 0)}
     for p in precisions:

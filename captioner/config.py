@@ -101,6 +101,8 @@ class ModelConfig:
     # What drives the attention: "previous" (the paper) scores the locations with h_{t-1} and feeds the context
     # to the cell; "current" (Lu et al. 2017's spatial attention) runs the cell first on [word; mean context]
     # and scores them with h_t, which has read the current word; the context then enters the output layer only.
+    # "topdown" (Anderson et al. 2018; num_layers >= 2): layer 1 is an attention cell reading [word; mean context;
+    # the top layer's h_{t-1}] whose h^1_t scores the locations; the language cell above it reads [context; h^1_t].
     query: str = "previous"
     # Where the locations are: "none" (the paper) gives the decoder the grid as a set of L vectors; "sincos" adds
     # a learned linear map of fixed sin/cos codes of each location's grid coordinates to its vector (any square grid)

@@ -40,7 +40,8 @@ EXHAUSTIVE_K = (V - 1) ** MAX_LEN * V
 def tiny_decoder(seed: int, attention: str = "soft", end_bias: float = 0.0, query: str = "previous") -> AttentionDecoder:
     """A random decoder whose word distributions are peaked enough for rankings to matter."""
     torch.manual_seed(seed)
-    decoder = AttentionDecoder(V, D, embed_dim=12, hidden_dim=12, attn_dim=8, attention=attention, dropout=0.0, query=query)
+    decoder = AttentionDecoder(V, D, embed_dim=12, hidden_dim=12, attn_dim=8, attention=attention, dropout=0.0, query=query,
+                               num_layers=2 if query == "topdown" else 1)
     with torch.no_grad():
         decoder.out.weight.mul_(3.0)
         decoder.out.bias[END] += end_bias
@@ -122,7 +123,7 @@ def allowed(seq: tuple[int, ...], allow_unk: bool = False, block_bad_endings: bo
 
 
 @pytest.mark.parametrize("penalty", ["none", "average", "gnmt"])
-@pytest.mark.parametrize("seed, query", [(0, "previous"), (1, "previous"), (0, "current")])
+@pytest.mark.parametrize("seed, query", [(0, "previous"), (1, "previous"), (0, "current"), (0, "topdown")])
 def test_beam_with_large_k_equals_exhaustive_search(seed: int, query: str, penalty: str) -> None:
     """Default decoding (<unk> suppressed) = the best captions without <unk>, by their true log-probabilities."""
     decoder, feats = tiny_decoder(seed, query=query), tiny_features(seed, batch=2)

@@ -140,6 +140,10 @@ def test_bad_decoder_options():
         _decoder(query="next")
     with pytest.raises(ValueError, match="query"):
         _decoder(query="current", attention="none")
+    with pytest.raises(ValueError, match="query"):
+        _decoder(query="topdown", attention="none", num_layers=2)
+    with pytest.raises(ValueError, match="num_layers >= 2"):
+        _decoder(query="topdown")
     with pytest.raises(KeyError, match="unknown encoder"):
         Encoder("resnet9000")
 
@@ -238,11 +242,12 @@ def test_attention_scores_are_the_papers_tanh_form_in_every_code_path(monkeypatc
         scorer(scorer.project(feats), hidden[:10])
 
 
-@pytest.mark.parametrize("kind", ["soft", "hard", "none", "context", "current"])
+@pytest.mark.parametrize("kind", ["soft", "hard", "none", "context", "current", "topdown"])
 def test_rows_sharing_an_image_memory_match_copies_of_it(kind):
     """Beam search's K rows per image read one memory entry: the same step as K copies of it."""
     kw = {"soft": {}, "hard": {"attention": "hard"}, "none": {"attention": "none", "beta_gate": False},
-          "context": {"context_dim": 4}, "current": {"query": "current", "context_dim": 4}}[kind]
+          "context": {"context_dim": 4}, "current": {"query": "current", "context_dim": 4},
+          "topdown": {"query": "topdown", "num_layers": 2, "context_dim": 4}}[kind]
     dec = _decoder(**kw).eval()
     feats, caps, _ = _batch()
     K = 4
@@ -323,11 +328,11 @@ def test_tied_embeddings_need_embed_dim_wide_pre_logits():
     assert dec.out.weight is dec.embed.weight
 
 
-@pytest.mark.parametrize("query", ["previous", "current"])
-def test_only_the_current_query_lets_the_input_word_choose_where_to_look(query):
+@pytest.mark.parametrize("query", ["previous", "current", "topdown"])
+def test_only_the_current_and_topdown_queries_let_the_input_word_choose_where_to_look(query):
     # previous (the paper): alpha_t is scored with h_{t-1}, before the cell reads y_{t-1}; current (Lu et al.
-    # 2017): the cell reads y_{t-1} first and h_t scores the locations
-    dec = _decoder(query=query).eval()
+    # 2017): the cell reads y_{t-1} first and h_t scores the locations; topdown: the attention cell reads it
+    dec = _decoder(query=query, num_layers=2 if query == "topdown" else 1).eval()
     feats, caps, _ = _batch()
     mem = dec.init_memory(feats)
     state = dec.init_state(mem)
@@ -335,13 +340,15 @@ def test_only_the_current_query_lets_the_input_word_choose_where_to_look(query):
         a, b = dec.step(caps[:, 1], state, mem), dec.step(caps[:, 2], state, mem)
     assert not torch.equal(caps[:, 1], caps[:, 2])
     moved = (a.alpha - b.alpha).abs().max()
-    assert (moved > 1e-3) if query == "current" else (moved == 0)
+    assert (moved > 1e-3) if query != "previous" else (moved == 0)
     assert (a.log_probs - b.log_probs).abs().max() > 1e-3  # the word reaches the output either way
 
 
-@pytest.mark.parametrize("cell, layers, attention", [("lstm", 1, "soft"), ("gru", 2, "soft"), ("lstm", 2, "hard")])
-def test_current_query_trains_every_parameter_and_steps_match_teacher_forcing(cell, layers, attention):
-    dec = _decoder(query="current", cell=cell, num_layers=layers, attention=attention, context_dim=4).double()
+@pytest.mark.parametrize("query, cell, layers, attention", [
+    ("current", "lstm", 1, "soft"), ("current", "gru", 2, "soft"), ("current", "lstm", 2, "hard"),
+    ("topdown", "lstm", 2, "soft"), ("topdown", "gru", 3, "soft"), ("topdown", "lstm", 3, "hard")])
+def test_other_queries_train_every_parameter_and_steps_match_teacher_forcing(query, cell, layers, attention):
+    dec = _decoder(query=query, cell=cell, num_layers=layers, attention=attention, context_dim=4).double()
     feats, caps, lengths = _batch()
     feats = feats.double()
     out = dec(feats, caps, lengths, attend="argmax")
@@ -357,6 +364,39 @@ def test_current_query_trains_every_parameter_and_steps_match_teacher_forcing(ce
         torch.testing.assert_close(o.log_probs, out.log_probs[:, t], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(o.alpha, out.alphas[:, t], rtol=1e-10, atol=1e-12)
         state = o.state
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_topdown_step_is_anderson_et_al_wiring(layers):
+    """query="topdown", one step written out by hand from the module's weights (Anderson et al. 2018, eqs. 2-6)."""
+    dec = _decoder(query="topdown", num_layers=layers, context_dim=4).double().eval()
+    feats, caps, _ = _batch()
+    feats = feats.double()
+    mem = dec.init_memory(feats)
+    state = dec.init_state(mem)
+    g = torch.Generator().manual_seed(5)  # a state unlike the initial one: the top layer's h differs from the rest
+    state = type(state)(torch.randn(state.h.shape, generator=g, dtype=torch.float64),
+                        torch.randn(state.c.shape, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        out = dec.step(caps[:, 1], state, mem)
+        emb = dec.embed(caps[:, 1])  # (B, E)
+        values = feats @ dec.context_proj.weight.T  # (B, L, C)
+        h1, c1 = dec.cells[0](torch.cat([emb, values.mean(1), state.h[-1]], -1), (state.h[0], state.c[0]))
+        sc = dec.attention.scorer  # e_ti = w^T tanh(W_a a_i + b + W_h h^1_t)
+        scores = torch.tanh(feats @ sc.feature_proj.weight.T + sc.feature_proj.bias + (h1 @ sc.hidden_proj.weight.T)[:, None])
+        alpha = torch.softmax((scores @ sc.score.weight.T).squeeze(-1), -1)  # (B, L)
+        z = torch.sigmoid(dec.f_beta(h1)) * (alpha[:, :, None] * values).sum(1)  # (B, C) gated context
+        x, hs, cs = torch.cat([z, h1], -1), [h1], [c1]
+        for i in range(1, layers):  # the language cell(s)
+            h, c = dec.cells[i](x, (state.h[i], state.c[i]))
+            hs.append(h), cs.append(c)
+            x = h
+        logits = dec.out(torch.tanh(emb + dec.out_h(x) + dec.out_z(z)))
+    torch.testing.assert_close(out.alpha, alpha, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.state.h, torch.stack(hs), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.state.c, torch.stack(cs), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.log_probs, torch.log_softmax(logits, -1), rtol=1e-10, atol=1e-12)
+    assert dec.cells[0].input_size == 8 + 4 + 10 and dec.cells[1].input_size == 4 + 10
 
 
 def test_grid_position_codes_say_where_a_location_is_on_any_square_grid():

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from captioner.models.attention import ATTENTION, AttentionOutput, full_precision, rows_per_image
 
 CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
+QUERIES = ("previous", "current", "topdown")  # what drives the attention (see AttentionDecoder)
 
 
 class Memory(NamedTuple):
@@ -48,6 +49,11 @@ class State(NamedTuple):
         """Rows ``index`` along the batch dimension."""
         c = self.c.index_select(1, index) if self.c.numel() else self.c
         return State(self.h.index_select(1, index), c)
+
+
+def layers(state: State, start: int, stop: int) -> State:
+    """Layers ``start .. stop-1`` of a stacked state."""
+    return State(state.h[start:stop], state.c[start:stop] if state.c.numel() else state.c)
 
 
 def step_cells(cells: nn.ModuleList, x: Tensor, state: State, dropout: nn.Module) -> State:
@@ -134,6 +140,11 @@ class AttentionDecoder(nn.Module):
     pooled image feature either sets the initial state (``image_input="init"``) or is fed as the
     first input before ``<start>`` (``image_input="first"``, as in the original). Its attention maps
     are uniform, so every decoding strategy and the result type stay the same.
+
+    ``query`` sets what scores the locations at step t: ``previous`` (the paper) h_{t-1}, before the cell
+    reads the word; ``current`` (Lu et al. 2017) h_t of a cell that read [word; mean feature]; ``topdown``
+    (Anderson et al. 2018) h^1_t of an attention cell that read [word; mean feature; h_{t-1} of the top
+    layer], with the language cell(s) above it reading [context; h^1_t] (needs ``num_layers >= 2``).
     """
 
     def __init__(
@@ -170,8 +181,10 @@ class AttentionDecoder(nn.Module):
         if tie_embeddings and not deep_output and hidden_dim != embed_dim:
             raise ValueError(f"tie_embeddings needs the deep output (its pre-logits are embed_dim wide) or hidden_dim == "
                              f"embed_dim; got deep_output=False, hidden_dim={hidden_dim}, embed_dim={embed_dim}")
-        if query not in ("previous", "current") or (query == "current" and attention == "none"):
-            raise ValueError(f"query must be 'previous', or 'current' with attention; got {query!r} with attention={attention!r}")
+        if query not in QUERIES or (query != "previous" and attention == "none"):
+            raise ValueError(f"query must be 'previous', or 'current'/'topdown' with attention; got {query!r} with attention={attention!r}")
+        if query == "topdown" and num_layers < 2:
+            raise ValueError(f"query='topdown' needs num_layers >= 2 (an attention cell and a language cell); got {num_layers}")
         if positions not in ("none", "sincos") or (positions == "sincos" and attention == "none"):
             raise ValueError(f"positions must be 'none', or 'sincos' with attention; got {positions!r} with attention={attention!r}")
         if not 1 <= num_layers <= 4:
@@ -198,9 +211,13 @@ class AttentionDecoder(nn.Module):
         # The paper's gating scalar: beta_t = sigmoid(f_beta(h_{t-1})) scales the context (h_t with query="current").
         self.f_beta = nn.Linear(hidden_dim, 1) if beta_gate and attends else None
         cls = CELLS[cell]
-        # query="previous" (the paper): the cell reads [E y_{t-1}; z_t]; "current": [E y_{t-1}; mean context]
-        first_in = embed_dim + (ctx_dim if attends else 0)
-        self.cells = nn.ModuleList([cls(first_in if i == 0 else hidden_dim, hidden_dim) for i in range(num_layers)])
+        # query="previous" (the paper): the cell reads [E y_{t-1}; z_t]; "current": [E y_{t-1}; mean context];
+        # "topdown": the attention cell reads [E y_{t-1}; mean context; h_{t-1} of the top layer] and the
+        # language cell above it [z_t; h^1_t]
+        in_dims = [embed_dim + (ctx_dim if attends else 0)] + [hidden_dim] * (num_layers - 1)
+        if query == "topdown":
+            in_dims[:2] = [embed_dim + ctx_dim + hidden_dim, ctx_dim + hidden_dim]
+        self.cells = nn.ModuleList([cls(in_dims[i], hidden_dim) for i in range(num_layers)])
         n_init = num_layers * (2 if cell == "lstm" else 1)
         if image_input == "init":
             # Initial state: MLPs of the mean annotation vector, one output per layer (and per c for LSTM).
@@ -282,11 +299,15 @@ class AttentionDecoder(nn.Module):
             pre = torch.tanh(emb + self.out_h(self.dropout(h))) if self.deep_output else h
             uniform = memory.features.new_full((B, L), 1.0 / L)  # (B, L)
             return pre, uniform, new_state, None, None
-        if self.query == "current":  # Lu et al. 2017: the cell runs first, h_t decides where to look
+        if self.query != "previous":
             g = rows_per_image(emb.size(0), memory.pooled.size(0))  # g rows per image in beam search
             mean = memory.pooled.repeat_interleave(g, dim=0) if g > 1 else memory.pooled  # (B, C)
+        if self.query == "current":  # Lu et al. 2017: the cell runs first, h_t decides where to look
             new_state = self._run_cells(torch.cat([emb, mean], dim=-1), state)  # input (B, E + C)
             h_top = new_state.h[-1]  # (B, H) h_t drives the attention
+        elif self.query == "topdown":  # Anderson et al. 2018: the attention cell's h^1_t decides where to look
+            lower = step_cells(self.cells[:1], torch.cat([emb, mean, state.h[-1]], dim=-1), layers(state, 0, 1), self.dropout)
+            h_top = lower.h[0]  # (B, H) h^1_t, from input (B, E + C + H)
         else:
             h_top = state.h[-1]  # (B, H) h_{t-1} of the top layer drives the attention
         att: AttentionOutput = self.attention(memory.features, memory.projected, h_top, mode=attend or "sample")
@@ -297,6 +318,9 @@ class AttentionDecoder(nn.Module):
             z = beta * z
         if self.query == "previous":
             new_state = self._run_cells(torch.cat([emb, z], dim=-1), state)  # input (B, E + D)
+        elif self.query == "topdown":  # the language cell(s) read [z_t; h^1_t]
+            upper = step_cells(self.cells[1:], torch.cat([z, h_top], dim=-1), layers(state, 1, self.num_layers), self.dropout)
+            new_state = State(torch.cat([lower.h, upper.h]), torch.cat([lower.c, upper.c]) if state.c.numel() else state.c)
         h = new_state.h[-1]
         pre = torch.tanh(emb + self.out_h(self.dropout(h)) + self.out_z(z)) if self.deep_output else h  # (B, E)
         return pre, att.alpha, new_state, att, beta
