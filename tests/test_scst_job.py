@@ -89,6 +89,8 @@ def test_init_from_or_resume_of_a_checkpoint_fed_or_wired_otherwise_is_refused(t
         train(tiny_cfg(*init, "data.image_size=48"))
     with pytest.raises(CheckpointError, match=r"best\.pt: init_from was trained with model\.query=previous"):
         train(tiny_cfg(*init, "model.query=current"))
+    with pytest.raises(CheckpointError, match=r"best\.pt: init_from was trained with model\.query=previous, this job has model\.query=topdown"):
+        train(tiny_cfg(*init, "model.query=topdown", "model.num_layers=2"))  # refused by name, before any shape error
     with pytest.raises(CheckpointError, match=r"last\.pt: the run to resume was trained on 64 px.*data\.image_size=64 to resume it"):
         train(tiny_cfg("test=false", "epochs=2", "resume=auto", "data.image_size=48"))
     with pytest.raises(CheckpointError, match=r"last\.pt: the run to resume was trained with model\.query=previous.*"

@@ -50,10 +50,9 @@ class State(NamedTuple):
         c = self.c.index_select(1, index) if self.c.numel() else self.c
         return State(self.h.index_select(1, index), c)
 
-
-def layers(state: State, start: int, stop: int) -> State:
-    """Layers ``start .. stop-1`` of a stacked state."""
-    return State(state.h[start:stop], state.c[start:stop] if state.c.numel() else state.c)
+    def layers(self, start: int, stop: int) -> "State":
+        """Layers ``start .. stop-1`` of the stack (the top-down decoder steps its two cells separately)."""
+        return State(self.h[start:stop], self.c[start:stop] if self.c.numel() else self.c)
 
 
 def step_cells(cells: nn.ModuleList, x: Tensor, state: State, dropout: nn.Module) -> State:
@@ -208,7 +207,7 @@ class AttentionDecoder(nn.Module):
 
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         self.attention = ATTENTION[attention](feature_dim, hidden_dim, attn_dim) if attends else None
-        # The paper's gating scalar: beta_t = sigmoid(f_beta(h_{t-1})) scales the context (h_t with query="current").
+        # The paper's gating scalar: beta_t = sigmoid(f_beta(h_{t-1})) scales the context (h_t with query="current", h^1_t with "topdown").
         self.f_beta = nn.Linear(hidden_dim, 1) if beta_gate and attends else None
         cls = CELLS[cell]
         # query="previous" (the paper): the cell reads [E y_{t-1}; z_t]; "current": [E y_{t-1}; mean context];
@@ -306,7 +305,7 @@ class AttentionDecoder(nn.Module):
             new_state = self._run_cells(torch.cat([emb, mean], dim=-1), state)  # input (B, E + C)
             h_top = new_state.h[-1]  # (B, H) h_t drives the attention
         elif self.query == "topdown":  # Anderson et al. 2018: the attention cell's h^1_t decides where to look
-            lower = step_cells(self.cells[:1], torch.cat([emb, mean, state.h[-1]], dim=-1), layers(state, 0, 1), self.dropout)
+            lower = step_cells(self.cells[:1], torch.cat([emb, mean, state.h[-1]], dim=-1), state.layers(0, 1), self.dropout)
             h_top = lower.h[0]  # (B, H) h^1_t, from input (B, E + C + H)
         else:
             h_top = state.h[-1]  # (B, H) h_{t-1} of the top layer drives the attention
@@ -319,7 +318,7 @@ class AttentionDecoder(nn.Module):
         if self.query == "previous":
             new_state = self._run_cells(torch.cat([emb, z], dim=-1), state)  # input (B, E + D)
         elif self.query == "topdown":  # the language cell(s) read [z_t; h^1_t]
-            upper = step_cells(self.cells[1:], torch.cat([z, h_top], dim=-1), layers(state, 1, self.num_layers), self.dropout)
+            upper = step_cells(self.cells[1:], torch.cat([z, h_top], dim=-1), state.layers(1, self.num_layers), self.dropout)
             new_state = State(torch.cat([lower.h, upper.h]), torch.cat([lower.c, upper.c]) if state.c.numel() else state.c)
         h = new_state.h[-1]
         pre = torch.tanh(emb + self.out_h(self.dropout(h)) + self.out_z(z)) if self.deep_output else h  # (B, E)

@@ -217,7 +217,7 @@ def check_same_wiring(model: Captioner, ckpt: dict[str, Any], path: Any, what: s
     found, here = saved["decoder"].get("query", "previous"), unwrap(model).decoder.query  # older checkpoints: previous
     if found != here:
         raise CheckpointError(f"{path}: {what} was trained with model.query={found}, this job has model.query={here} "
-                              f"(the same weights, wired differently); add model.query={found} to {fix}")
+                              f"(wired differently); add model.query={found} to {fix}")
 
 
 def load_weights(model: Captioner, ckpt: dict[str, Any], path: Any) -> None:
